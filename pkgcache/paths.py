@@ -1,0 +1,90 @@
+"""
+Turning a request path into a safe cache key.
+
+A request path arrives as ``request.postpath``: a list of byte segments, each
+already percent-decoded on its own, so ``..%2F..`` is *one* segment that holds
+slashes.  Every segment is checked here, once, and the result, a
+:class:`CacheKey`, is the only thing the rest of pkgcache accepts: the store
+maps it under the cache directory and the upstream client appends it to a
+source URL, so neither can be steered outside its base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+#: The longest single name most filesystems accept (``NAME_MAX``), in bytes.
+MAX_SEGMENT_BYTES = 255
+#: The longest whole path we accept, in bytes (``PATH_MAX`` is 4096; leave room
+#: for the cache directory itself).
+MAX_PATH_BYTES = 2048
+#: Names the store keeps for itself at the top of the cache directory.
+RESERVED_TOP_LEVEL_NAMES = frozenset({".pkgcache-spool"})
+
+_FORBIDDEN_CHARACTERS = ("/", "\\", "\0")
+
+
+class UnsafePath(ValueError):
+    """
+    A request path that must not be served.
+
+    :ivar status: the HTTP status to answer with: 400 for malformed paths,
+        404 for directories and names reserved by the store.
+    """
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """
+    A validated relative path, as a tuple of text segments.
+
+    Segments are non-empty, are not ``.`` or ``..``, and hold no slash,
+    backslash or NUL: joining them under any base directory stays under it.
+    """
+
+    segments: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "/" + "/".join(self.segments)
+
+
+def cache_key_from_postpath(postpath: Sequence[bytes]) -> CacheKey:
+    """
+    Validate the segments of a request path.
+
+    :raises UnsafePath: with the status to answer.
+    """
+    if not postpath or postpath == [b""]:
+        raise UnsafePath("no file named", status=404)
+    if len(b"/".join(postpath)) > MAX_PATH_BYTES:
+        raise UnsafePath("path too long")
+    *parents, name = postpath
+    if name == b"" and parents:
+        # A trailing slash asks for a directory: we never list the cache.
+        raise UnsafePath("directories are not served", status=404)
+    segments = tuple(_checked_segment(raw) for raw in postpath)
+    if segments[0] in RESERVED_TOP_LEVEL_NAMES:
+        raise UnsafePath("reserved name", status=404)
+    return CacheKey(segments)
+
+
+def _checked_segment(raw: bytes) -> str:
+    if raw in (b"", b".", b".."):
+        raise UnsafePath("empty, '.' or '..' path segment")
+    if len(raw) > MAX_SEGMENT_BYTES:
+        raise UnsafePath("path segment too long")
+    try:
+        segment = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnsafePath("path is not UTF-8") from None
+    if any(character in segment for character in _FORBIDDEN_CHARACTERS):
+        raise UnsafePath("slash, backslash or NUL inside a path segment")
+    if not segment.isprintable():
+        raise UnsafePath("control character in path")
+    return segment
