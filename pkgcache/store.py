@@ -56,6 +56,8 @@ class CacheStore:
         self.cache_dir = cache_dir
         self.spool_dir = cache_dir.child(SPOOL_DIR_NAME)
         self._reactor = reactor
+        # mkstemp makes 0600 files; published files get the usual mode.
+        self._file_mode = 0o666 & ~_current_umask()
 
     def create(self) -> None:
         """
@@ -90,7 +92,6 @@ class CacheStore:
             path = self.path_for(key)
         except InsecurePath:
             return None
-        path.restat(reraise=False)
         if path.isfile():
             return path
         return None
@@ -131,6 +132,7 @@ class CacheStore:
             prefix="", suffix="." + key.segments[-1][:64], dir=self.spool_dir.path
         )
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(fd, self._file_mode)
         return Spool(name, fd, self.path_for(key), self._reactor)
 
     def sweep_stale_spools(self) -> int:
@@ -262,6 +264,12 @@ class Spool:
         if self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
+
+
+def _current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_directory(path: str) -> None:

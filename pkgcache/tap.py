@@ -1,0 +1,122 @@
+"""
+``twist pkgcache``: command-line options and the service they describe.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from twisted.internet import endpoints
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.web.server import Site
+
+from pkgcache.resource import PackageCacheResource
+from pkgcache.service import PackageCacheService
+from pkgcache.store import CacheStore
+from pkgcache.upstream import Source
+
+DEFAULT_LISTEN = "tcp:4000"
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/pkgcache``, i.e. ``~/.cache/pkgcache`` by default."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "pkgcache")
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+_positive_seconds.coerceDoc = "Seconds, a positive number."
+
+
+class Options(usage.Options):
+    """
+    Options for ``twist pkgcache``.
+    """
+
+    synopsis = "--source URL [--source URL ...] [options]"
+    longdesc = (
+        "A caching reverse proxy for package downloads. A request for /PATH "
+        "is answered from CACHE-DIR/PATH, or fetched from SOURCE/PATH of the "
+        "first source that has it (in the order given), streamed to the "
+        "client and stored."
+    )
+
+    optParameters = [
+        ["cache-dir", None, None,
+         "Directory the cache is kept in; created if missing. "
+         "[default: $XDG_CACHE_HOME/pkgcache]"],
+        ["connect-timeout", None, 10.0,
+         "Seconds to wait for a source to accept a connection.", _positive_seconds],
+        ["idle-timeout", None, 30.0,
+         "Seconds a source may stay silent (before its headers or within a "
+         "body) before it is given up and the next one tried.", _positive_seconds],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["sources"] = []
+        self["listen"] = []
+
+    def opt_source(self, url: str) -> None:
+        """Base URL to fetch files from (http or https); repeat for failover, in order of preference. At least one is required."""  # noqa: E501
+        try:
+            self["sources"].append(Source(url))
+        except ValueError as error:
+            raise usage.UsageError(f"--source: {error}") from None
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["sources"]:
+            raise usage.UsageError("at least one --source URL is required")
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            _check_endpoint(description)
+        if self["cache-dir"] is None:
+            self["cache-dir"] = default_cache_dir()
+        cache_dir = FilePath(os.path.abspath(self["cache-dir"]))
+        try:
+            CacheStore(cache_dir, reactor=None).create()
+        except OSError as error:
+            raise usage.UsageError(
+                f"cannot use {cache_dir.path} as the cache directory: "
+                f"{error.strerror or error}"
+            ) from None
+        self["cache-dir"] = cache_dir
+
+
+def _check_endpoint(description: str) -> None:
+    """
+    Parse an endpoint string now, so that a typo is a usage error rather than
+    a traceback at start-up.
+    """
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as error:
+        raise usage.UsageError(f"--listen {description!r}: {error}") from None
+
+
+def makeService(config: Options, reactor=None) -> PackageCacheService:
+    if reactor is None:
+        from twisted.internet import reactor
+    resource = PackageCacheResource(
+        config["sources"],
+        config["cache-dir"],
+        reactor=reactor,
+        connect_timeout=config["connect-timeout"],
+        idle_timeout=config["idle-timeout"],
+    )
+    return PackageCacheService(resource, config["listen"], reactor, Site(resource))
