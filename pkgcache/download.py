@@ -86,6 +86,7 @@ class Download:
         self._paused_for_memory = False
         self._headers_waiters: list[Deferred[UpstreamResponse]] = []
         self._running: Optional[Deferred[None]] = None
+        #: Fires once the download has ended and its spool is published or gone.
         self.finished: Deferred[None] = Deferred()
 
     def start(self) -> None:
@@ -163,7 +164,7 @@ class Download:
             await self._fetch()
         except CancelledError:
             self._fail(CancelledError("download cancelled"))
-        except AllSourcesFailed as failed:
+        except (AllSourcesFailed, BodyFailed) as failed:
             self._fail(failed)
         except Exception as error:
             log.failure("download of {path} failed unexpectedly", path=str(self.key))
@@ -172,8 +173,8 @@ class Download:
             await self._publish()
         finally:
             self._retire()
-            self._close_spool_if_unused()
             self.finished.callback(None)
+            self._close_spool_if_unused()
 
     async def _fetch(self) -> None:
         response = await self._upstream.fetch(self.key)
@@ -307,7 +308,7 @@ class Download:
         return self._spool
 
     def _close_spool_if_unused(self) -> None:
-        if self._spool is not None and self.ended and not self.readers:
+        if self._spool is not None and self.finished.called and not self.readers:
             self._spool.close()
             self._spool = None
             self._memory = None

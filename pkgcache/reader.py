@@ -30,9 +30,10 @@ class DownloadReader:
     there is more to read.  So a slow client only falls behind in the spool
     file, never in memory, and never slows the download or anyone else.
 
-    If the download fails, the client's connection is dropped rather than
-    finished: its download tool then reports an error instead of taking a
-    short body for a whole file.
+    If the download fails, the client's connection is closed without
+    finishing the response (no last chunk, fewer bytes than announced): its
+    download tool then reports an error (curl: exit 18, partial file)
+    instead of taking a short body for a whole file.
 
     :ivar offset: the next byte to send.
     """
@@ -122,7 +123,7 @@ class DownloadReader:
     def _abort(self) -> None:
         self._done = True
         self._request.unregisterProducer()
-        self._request.transport.abortConnection()
+        self._request.transport.loseConnection()
         self._download.detach(self)
 
     def _client_gone(self) -> None:

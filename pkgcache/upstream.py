@@ -337,7 +337,10 @@ class UpstreamResponse:
         self._response = response
         self._client = client
         self._receiver: Optional[_BodyReceiver] = None
-        self.body_length: Optional[int] = _content_length(response.headers)
+        # Twisted keeps Content-Length out of ``headers``: it is ``length``.
+        self.body_length: Optional[int] = (
+            response.length if isinstance(response.length, int) else None
+        )
         self.total_length: Optional[int] = (
             None if self.body_length is None else offset + self.body_length
         )
@@ -386,17 +389,6 @@ class UpstreamResponse:
         """Drop the connection; :meth:`stream`'s Deferred fails."""
         if self._receiver is not None:
             self._receiver.abort()
-
-
-def _content_length(headers: Headers) -> Optional[int]:
-    values = headers.getRawHeaders(b"content-length")
-    if not values:
-        return None
-    try:
-        length = int(values[0])
-    except ValueError:
-        return None
-    return length if length >= 0 else None
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):

@@ -1,0 +1,176 @@
+"""
+Origin servers for tests: real HTTP servers on 127.0.0.1 that serve files and
+misbehave on purpose (slowly, partly, not at all), and count what they are
+asked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from twisted.internet import reactor
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+_RANGE = re.compile(rb"^bytes=(\d+)-(\d*)$")
+
+
+@dataclass
+class OriginFile:
+    """
+    How an origin serves one path.
+
+    :ivar data: the file.
+    :ivar status: a status other than 200 is answered with a short body.
+    :ivar ranges: honour ``Range: bytes=N-[M]`` with a 206.
+    :ivar chunk_size: bytes written at a time.
+    :ivar rate: bytes per second (``None``: as fast as the client reads).
+    :ivar close_at: drop the connection once this many bytes were sent.
+    :ivar stall_at: send this many bytes, then nothing, keeping the
+        connection open.
+    :ivar hang: accept the request and never answer it.
+    :ivar content_length: announce the length (else the body is chunked).
+    :ivar headers: extra response headers.
+    """
+
+    data: bytes = b""
+    status: int = 200
+    ranges: bool = True
+    chunk_size: int = 16 * 1024
+    rate: Optional[float] = None
+    close_at: Optional[int] = None
+    stall_at: Optional[int] = None
+    hang: bool = False
+    content_length: bool = True
+    headers: Optional[dict] = None
+
+
+class Origin(Resource):
+    """
+    Serves :class:`OriginFile` s by path and records every request as
+    ``(method, path, range header)``.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, OriginFile] = {}
+        self.requests: list[tuple[bytes, str, Optional[bytes]]] = []
+        self._open: set[Request] = set()
+        self._timers: set = set()
+
+    def add(self, path: str, data: bytes = b"", **behaviour) -> OriginFile:
+        self.files[path] = OriginFile(data=data, **behaviour)
+        return self.files[path]
+
+    def count(self, path: str, method: bytes = b"GET") -> int:
+        return sum(1 for m, p, _ in self.requests if p == path and m == method)
+
+    def render(self, request: Request):
+        path = request.path.decode("utf-8")
+        range_header = request.getHeader(b"range")
+        self.requests.append((request.method, path, range_header))
+        spec = self.files.get(path)
+        if spec is None:
+            request.setResponseCode(http.NOT_FOUND)
+            return b"not here\n"
+        if spec.hang:
+            self._track(request)
+            return NOT_DONE_YET
+        for name, value in (spec.headers or {}).items():
+            request.setHeader(name, value)
+        if spec.status != http.OK:
+            request.setResponseCode(spec.status)
+            return b"origin says %d\n" % (spec.status,)
+        start, end = 0, len(spec.data)
+        match = _RANGE.match(range_header or b"")
+        if spec.ranges and match:
+            start = int(match.group(1))
+            if match.group(2):
+                end = min(int(match.group(2)) + 1, end)
+            request.setResponseCode(http.PARTIAL_CONTENT)
+            request.setHeader(
+                b"content-range", b"bytes %d-%d/%d" % (start, end - 1, len(spec.data))
+            )
+        if spec.ranges:
+            request.setHeader(b"accept-ranges", b"bytes")
+        if spec.content_length:
+            request.setHeader(b"content-length", b"%d" % (end - start,))
+        if request.method == b"HEAD":
+            return b""
+        self._track(request)
+        self._send(request, spec, start, start, end)
+        return NOT_DONE_YET
+
+    def _track(self, request: Request) -> None:
+        self._open.add(request)
+        request.notifyFinish().addBoth(lambda _: self._open.discard(request))
+
+    def _send(self, request: Request, spec: OriginFile, first: int, offset: int, end: int):
+        if request.finished or request.channel is None:
+            return
+        sent = offset - first
+        if spec.close_at is not None and sent >= spec.close_at:
+            request.transport.abortConnection()
+            return
+        if spec.stall_at is not None and sent >= spec.stall_at:
+            return
+        if offset >= end:
+            request.finish()
+            return
+        limit = end
+        for cut in (spec.close_at, spec.stall_at):
+            if cut is not None:
+                limit = min(limit, first + cut)
+        chunk = spec.data[offset : min(offset + spec.chunk_size, limit)]
+        request.write(chunk)
+        delay = len(chunk) / spec.rate if spec.rate else 0
+        timer = reactor.callLater(delay, self._sent, request, spec, first, offset + len(chunk), end)
+        self._timers.add(timer)
+
+    def _sent(self, request, spec, first, offset, end):
+        self._timers = {timer for timer in self._timers if timer.active()}
+        self._send(request, spec, first, offset, end)
+
+    def close(self) -> None:
+        """Drop every connection still open and stop every pending write."""
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        for request in list(self._open):
+            if request.channel is not None:
+                request.transport.abortConnection()
+
+
+class OriginServer:
+    """An :class:`Origin` listening on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.origin = Origin()
+        self.site = Site(self.origin)
+        self.site.log = lambda request: None
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}/"
+
+    def add(self, path: str, data: bytes = b"", **behaviour) -> OriginFile:
+        return self.origin.add(path, data, **behaviour)
+
+    def count(self, path: str, method: bytes = b"GET") -> int:
+        return self.origin.count(path, method)
+
+    async def stop(self) -> None:
+        self.origin.close()
+        if self.port.connected:
+            await self.port.stopListening()
+
+
+def refused_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens."""
+    port = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+    number = port.getHost().port
+    port.stopListening()
+    return f"http://127.0.0.1:{number}/"
