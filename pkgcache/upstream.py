@@ -329,7 +329,9 @@ class UpstreamResponse:
     :ivar total_length: the whole file's length, when the source said.
     """
 
-    def __init__(self, source: Source, response, offset: int, client: "UpstreamClient"):
+    def __init__(
+        self, source: Source, response, method: bytes, offset: int, client: "UpstreamClient"
+    ):
         self.source = source
         self.code: int = response.code
         self.headers: Headers = response.headers
@@ -337,10 +339,7 @@ class UpstreamResponse:
         self._response = response
         self._client = client
         self._receiver: Optional[_BodyReceiver] = None
-        # Twisted keeps Content-Length out of ``headers``: it is ``length``.
-        self.body_length: Optional[int] = (
-            response.length if isinstance(response.length, int) else None
-        )
+        self.body_length: Optional[int] = _announced_length(response, method)
         self.total_length: Optional[int] = (
             None if self.body_length is None else offset + self.body_length
         )
@@ -396,6 +395,21 @@ class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
     miss that says nothing."""
 
     noisy = False
+
+
+def _announced_length(response, method: bytes) -> Optional[int]:
+    """
+    The body length a response announced: Twisted's client keeps
+    Content-Length out of ``headers`` and in ``length``, except for a HEAD,
+    whose ``length`` is 0 and whose Content-Length stays a header.
+    """
+    if method != b"HEAD":
+        return response.length if isinstance(response.length, int) else None
+    try:
+        length = int(response.headers.getRawHeaders(b"content-length", [b""])[0])
+    except ValueError:
+        return None
+    return length if length >= 0 else None
 
 
 class UpstreamClient:
@@ -534,7 +548,7 @@ class UpstreamClient:
             raise _classify_request_error(exc) from None
         finally:
             timer.stop()
-        upstream = UpstreamResponse(source, response, offset, self)
+        upstream = UpstreamResponse(source, response, method, offset, self)
         problem = _check_response(upstream, offset, total_length)
         if problem is not None:
             response.deliverBody(_Discard())

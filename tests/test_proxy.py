@@ -429,6 +429,6 @@ async def test_not_an_open_proxy(origins, make_proxy):
     answer = await raw_request(proxy.url, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % absolute)
     assert answer.startswith(b"HTTP/1.1 400 ")
     authority = other.url.split("//")[1].rstrip("/").encode()
-    answer = await raw_request(proxy.url, b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority))
+    answer = await raw_request(proxy.url, b"CONNECT %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (authority, authority))
     assert answer.startswith(b"HTTP/1.1 405 ")
     assert other.origin.requests == [] and mine.origin.requests == []

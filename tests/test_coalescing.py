@@ -1,0 +1,190 @@
+"""
+One download, many readers: concurrent misses share one upstream request,
+late joiners and slow readers get every byte, vanished clients change
+nothing, and Range/HEAD on a miss need no download of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import DeferredList
+from twisted.internet.utils import getProcessOutputAndValue
+
+from pkgcache.paths import cache_key_from_postpath
+from tests.clients import sha256, start_reading
+from tests.conftest import fetch, raw_request, sleep, wait_for
+from tests.origin import refused_url
+
+PATH = "/distfiles/big-1.0.tar.xz"
+KEY = cache_key_from_postpath([b"distfiles", b"big-1.0.tar.xz"])
+
+
+def in_flight(proxy):
+    return proxy.resource.downloads.in_flight(KEY)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twenty_concurrent_clients_one_upstream_request(origin, make_proxy, http):
+    data = os.urandom(1_000_000)
+    origin.add(PATH, data, rate=2_000_000)
+    proxy = make_proxy([origin.url])
+    readers = [await start_reading(http, proxy.url + PATH) for _ in range(20)]
+    bodies = await DeferredList([reader.done for _, reader in readers], fireOnOneErrback=True)
+    assert [sha256(body) for _, body in bodies] == [sha256(data)] * 20
+    assert all(response.code == 200 for response, _ in readers)
+    assert origin.count(PATH) == 1
+    assert await proxy.published(PATH) == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_joining_half_way_gets_everything_without_waiting(origin, make_proxy, http):
+    data = os.urandom(1_000_000)
+    origin.add(PATH, data, rate=1_000_000)
+    proxy = make_proxy([origin.url])
+    _, first = await start_reading(http, proxy.url + PATH)
+    await wait_for(lambda: in_flight(proxy) is not None and in_flight(proxy).received >= 500_000)
+
+    _, late = await start_reading(http, proxy.url + PATH)
+    await late.first_byte
+    assert not proxy.cached(PATH).exists(), "the late joiner waited for the whole download"
+    assert in_flight(proxy).received < len(data)
+    assert await late.done == data
+    assert await first.done == data
+    assert origin.count(PATH) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_holds_back_neither_download_nor_fast_reader(origin, make_proxy, http):
+    # Larger than what loopback socket buffers absorb, so the slow reader
+    # really is behind.
+    data = os.urandom(24 * 1024 * 1024)
+    origin.add(PATH, data, chunk_size=256 * 1024)
+    proxy = make_proxy([origin.url])
+    _, slow = await start_reading(http, proxy.url + PATH, rate=1_000_000)
+    _, fast = await start_reading(http, proxy.url + PATH)
+
+    assert sha256(await fast.done) == sha256(data)
+    assert await proxy.published(PATH) == data
+    assert slow.received < len(data) // 2, "the download waited for the slow reader"
+    slow.full_speed()
+    assert sha256(await slow.done) == sha256(data)
+    assert origin.count(PATH) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_completes_after_every_client_left(origin, make_proxy, http):
+    data = os.urandom(1_000_000)
+    origin.add(PATH, data, rate=1_000_000)
+    proxy = make_proxy([origin.url])
+    readers = [await start_reading(http, proxy.url + PATH) for _ in range(3)]
+    for _, reader in readers:
+        await reader.first_byte
+        reader.hang_up()
+    await wait_for(lambda: not in_flight(proxy).readers)
+    assert not in_flight(proxy).ended, "the download stopped with its clients"
+    assert await proxy.published(PATH) == data
+    assert origin.count(PATH) == 1
+    response, body = await fetch(http, proxy.url + PATH)
+    assert body == data and origin.count(PATH) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_range_on_a_miss_is_served_from_the_shared_download(origin, make_proxy, http):
+    data = os.urandom(1_000_000)
+    origin.add(PATH, data, rate=2_000_000)
+    proxy = make_proxy([origin.url])
+    ranges = {
+        b"bytes=0-99": data[:100],
+        b"bytes=500000-500999": data[500_000:501_000],
+        b"bytes=-10": data[-10:],
+        b"bytes=999990-": data[999_990:],
+        b"bytes=999990-2000000": data[999_990:],
+    }
+    answers = [
+        (wanted, await start_reading(http, proxy.url + PATH, headers={b"range": [header]}))
+        for header, wanted in ranges.items()
+    ]
+    for wanted, (response, reader) in answers:
+        assert response.code == 206
+        assert await reader.done == wanted
+        start = data.find(wanted)
+        assert response.headers.getRawHeaders(b"content-range") == [
+            b"bytes %d-%d/%d" % (start, start + len(wanted) - 1, len(data))
+        ]
+    assert origin.origin.requests == [(b"GET", PATH, None)]
+    response, _ = await fetch(http, proxy.url + "/distfiles/big-1.0.tar.xz",
+                              headers={b"range": [b"bytes=2000000-"]})
+    assert response.code == 416
+
+
+@pytest_twisted.ensureDeferred
+async def test_multiple_ranges_on_a_miss_get_the_whole_file(origin, make_proxy, http):
+    data = os.urandom(100_000)
+    origin.add(PATH, data)
+    proxy = make_proxy([origin.url])
+    response, body = await fetch(http, proxy.url + PATH, headers={b"range": [b"bytes=0-1,5-9"]})
+    assert (response.code, body) == (200, data)
+
+
+@pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed")
+@pytest_twisted.ensureDeferred
+async def test_aria2c_segmented_download_on_miss_and_hit(origin, make_proxy, tmp_path):
+    data = os.urandom(3_000_000)
+    origin.add(PATH, data, rate=6_000_000)
+    proxy = make_proxy([origin.url])
+    for attempt in ("miss", "hit"):
+        out = tmp_path / attempt
+        output, _, code = await getProcessOutputAndValue(
+            "aria2c",
+            ["-x4", "-s4", "-k1M", "--min-split-size=1M", "--allow-overwrite=true",
+             "--console-log-level=warn", "--summary-interval=0", "--connect-timeout=10",
+             "--timeout=20", "-d", str(tmp_path), "-o", attempt, proxy.url + PATH],
+        )
+        assert code == 0, output
+        assert sha256(out.read_bytes()) == sha256(data), attempt
+        await proxy.published(PATH)
+    assert origin.count(PATH) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_curl_range_on_miss_and_hit(origin, make_proxy):
+    data = os.urandom(500_000)
+    origin.add(PATH, data, rate=2_000_000)
+    proxy = make_proxy([origin.url])
+    for _ in ("miss", "hit"):
+        output, err, code = await getProcessOutputAndValue(
+            "curl", ["-sS", "--max-time", "20", "-r", "1000-1999", proxy.url + PATH]
+        )
+        assert code == 0, err
+        assert output == data[1000:2000]
+        await proxy.published(PATH)
+    assert origin.count(PATH) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_on_a_miss_asks_the_sources_and_caches_nothing(origins, make_proxy):
+    broken, good = origins(), origins()
+    broken.add(PATH, status=500)
+    good.add(PATH, b"x" * 12345, headers={b"content-type": b"application/x-xz"})
+    proxy = make_proxy([refused_url(), broken.url, good.url])
+    answer = await raw_request(proxy.url, b"HEAD %s HTTP/1.0\r\n\r\n" % PATH.encode())
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"\r\nContent-Length: 12345\r\n" in answer
+    assert b"\r\nContent-Type: application/x-xz\r\n" in answer
+    assert answer.endswith(b"\r\n\r\n")
+    assert (good.count(PATH, b"HEAD"), good.count(PATH)) == (1, 0)
+    await sleep(0.05)
+    assert not proxy.cached(PATH).exists()
+    assert os.listdir(proxy.cache_dir.child(".pkgcache-spool").path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_on_a_miss_for_a_missing_file_is_404(origin, make_proxy):
+    proxy = make_proxy([origin.url])
+    answer = await raw_request(proxy.url, b"HEAD /nothing HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 404 ")
+    assert answer.endswith(b"\r\n\r\n")
