@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 #: behind it, and resumed when they are back within the low mark.
 MEMORY_HIGH_WATER = 8 * 1024 * 1024
 MEMORY_LOW_WATER = 2 * 1024 * 1024
+#: A body that breaks off is resumed from another source; a source that
+#: breaks off again before sending a byte counts against this limit, so a
+#: file that no source can deliver fails instead of looping.
+MAX_RESUMES_WITHOUT_PROGRESS = 3
 
 log = Logger()
 
@@ -110,6 +114,11 @@ class Download:
         else:
             self._headers_waiters.append(waiter)
         return waiter
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held in memory for readers (only once the spool is lost)."""
+        return len(self._memory) if self._memory is not None else 0
 
     @property
     def ended(self) -> bool:
@@ -184,13 +193,21 @@ class Download:
         for waiter in self._headers_waiters:
             waiter.callback(response)
         self._headers_waiters.clear()
+        resumes_without_progress = 0
         while True:
             self._current = response
             self.sources_used.append(str(response.source))
+            started_at = self.received
             try:
                 await response.stream(self._received_chunk)
             except BodyFailed as broken:
                 self._upstream.report_body_failure(response.source, self.key, str(broken))
+                if self.received > started_at:
+                    resumes_without_progress = 0
+                else:
+                    resumes_without_progress += 1
+                if resumes_without_progress >= MAX_RESUMES_WITHOUT_PROGRESS:
+                    raise
                 response = await self._resume_after(response, broken)
             else:
                 break
@@ -235,7 +252,7 @@ class Download:
             self._stop_caching()
 
     def _received_chunk(self, data: bytes) -> None:
-        if self._spool is not None:
+        if self._spool is not None and self._memory is None:
             try:
                 self._spool.write(data)
             except OSError as error:

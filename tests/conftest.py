@@ -6,13 +6,16 @@ failure (pytest-twisted would otherwise let a dying Deferred pass).
 
 from __future__ import annotations
 
+import os
+import sys
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.logger import globalLogPublisher
+from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.python.filepath import FilePath
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -23,6 +26,11 @@ from twisted.web.server import Site
 
 from pkgcache.resource import PackageCacheResource
 from tests.origin import OriginServer
+
+
+if os.environ.get("PKGCACHE_TEST_LOG"):
+    # Show every log event on stderr: PKGCACHE_TEST_LOG=1 pytest -s ...
+    globalLogPublisher.addObserver(textFileLogObserver(sys.stderr))
 
 
 @pytest.fixture(autouse=True)

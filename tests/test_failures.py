@@ -1,0 +1,153 @@
+"""
+When sources and disks fail mid-download: resume from another source, or
+cut every client off and publish nothing; keep streaming when the disk is
+full; two processes sharing one cache directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import DeferredList
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.filepath import FilePath
+from twisted.web.client import ResponseFailed
+
+from pkgcache.download import MEMORY_HIGH_WATER
+from pkgcache.reader import CHUNK_SIZE
+from tests.clients import sha256, start_reading
+from tests.conftest import fetch, sleep, wait_for
+from tests.test_coalescing import KEY, PATH, in_flight
+
+DATA = os.urandom(1_000_000)
+
+
+def spool_names(proxy) -> list[str]:
+    return os.listdir(proxy.cache_dir.child(".pkgcache-spool").path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_from_next_source_after_a_drop(origins, make_proxy, http):
+    dropping, resuming = origins(), origins()
+    dropping.add(PATH, DATA, close_at=300_000)
+    resuming.add(PATH, DATA)
+    proxy = make_proxy([dropping.url, resuming.url])
+    response, body = await fetch(http, proxy.url + PATH)
+    assert (response.code, sha256(body)) == (200, sha256(DATA))
+    assert resuming.origin.requests == [(b"GET", PATH, b"bytes=300000-")]
+    assert await proxy.published(PATH) == DATA
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_after_a_stall(origins, make_proxy, http):
+    stalling, resuming = origins(), origins()
+    stalling.add(PATH, DATA, stall_at=400_000)
+    resuming.add(PATH, DATA)
+    proxy = make_proxy([stalling.url, resuming.url], idle_timeout=0.5)
+    _, reader = await start_reading(http, proxy.url + PATH)
+    assert sha256(await reader.done) == sha256(DATA)
+    assert resuming.origin.requests == [(b"GET", PATH, b"bytes=400000-")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_client_cut_off_when_no_source_can_resume(origins, make_proxy, http):
+    dropping, no_ranges, other_file = origins(), origins(), origins()
+    dropping.add(PATH, DATA, close_at=300_000)
+    no_ranges.add(PATH, DATA, ranges=False)
+    other_file.add(PATH, DATA + b"longer")  # ranges, but not the same file
+    proxy = make_proxy([dropping.url, no_ranges.url, other_file.url])
+    readers = [await start_reading(http, proxy.url + PATH) for _ in range(3)]
+    results = await DeferredList([reader.done for _, reader in readers], consumeErrors=True)
+    for succeeded, result in results:
+        assert not succeeded and result.check(ResponseFailed)
+    assert not proxy.cached(PATH).exists()
+    await wait_for(lambda: spool_names(proxy) == [])
+    assert other_file.origin.requests == [(b"GET", PATH, b"bytes=300000-")]
+
+    # The next request starts afresh (from the second source: the first
+    # broke off, so it is skipped for a while).
+    response, body = await fetch(http, proxy.url + PATH)
+    assert body == DATA
+    assert no_ranges.origin.requests[-1] == (b"GET", PATH, None)
+    assert await proxy.published(PATH) == DATA
+
+
+@pytest_twisted.ensureDeferred
+async def test_cut_off_client_sees_curl_error_18(origin, make_proxy):
+    origin.add(PATH, DATA, close_at=300_000, ranges=False)
+    proxy = make_proxy([origin.url])
+    _, err, code = await getProcessOutputAndValue(
+        "curl", ["-sS", "-o", "/dev/null", "--max-time", "20", proxy.url + PATH]
+    )
+    assert code == 18, err
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MiB tmpfs, to run out of space on."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield FilePath(str(mount_point))
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_disk_keeps_streaming_to_attached_clients(
+    origin, make_proxy, http, tiny_filesystem
+):
+    data = os.urandom(12 * 1024 * 1024)
+    # 1 MiB fills in 50 ms at this rate: time for both clients to join.
+    origin.add(PATH, data, chunk_size=256 * 1024, rate=20_000_000)
+    origin.add("/small", b"small file")
+    proxy = make_proxy([origin.url], cache_dir=tiny_filesystem.child("cache"))
+    _, slow = await start_reading(http, proxy.url + PATH, rate=4_000_000)
+    download = in_flight(proxy)
+    _, fast = await start_reading(http, proxy.url + PATH)
+    assert len(download.readers) == 2
+
+    largest_buffer = 0
+    while not fast.done.called:
+        largest_buffer = max(largest_buffer, download.buffered_bytes)
+        await sleep(0.01)
+    slow.full_speed()
+    assert sha256(await fast.done) == sha256(data)
+    assert sha256(await slow.done) == sha256(data)
+    # The slow reader fell far behind, but memory stayed bounded: the
+    # source was paused instead.
+    assert 0 < largest_buffer <= MEMORY_HIGH_WATER + CHUNK_SIZE * 4
+    assert not proxy.cached(PATH).exists()
+    assert spool_names(proxy) == []
+
+    # Still serving, and caching what fits.
+    response, body = await fetch(http, proxy.url + "/small")
+    assert body == b"small file"
+    assert await proxy.published("/small") == b"small file"
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_on_one_cache_dir(origin, make_proxy, http, tmp_path):
+    origin.add(PATH, DATA, rate=3_000_000)
+    shared = FilePath(str(tmp_path)).child("shared")
+    first = make_proxy([origin.url], cache_dir=shared)
+    _, early = await start_reading(http, first.url + PATH)
+    await early.first_byte
+    # A second server starting on the same directory sweeps stale spools:
+    # it must leave the first one's live spool alone.
+    second = make_proxy([origin.url], cache_dir=shared)
+    _, late = await start_reading(http, second.url + PATH)
+    assert sha256(await early.done) == sha256(DATA)
+    assert sha256(await late.done) == sha256(DATA)
+    assert await first.published(PATH) == DATA
+    await wait_for(lambda: in_flight(first) is None and in_flight(second) is None)
+    assert first.cached(PATH).getContent() == DATA
+    assert spool_names(first) == []
+    assert origin.count(PATH) == 2
