@@ -9,6 +9,8 @@ from typing import Sequence
 
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.web.server import Site
 
 from pkgcache.resource import PackageCacheResource
@@ -34,11 +36,19 @@ class PackageCacheService(MultiService):
             # makes a failed bind stop start-up with an error.
             strports.service(description, site, reactor=reactor).setServiceParent(self)
 
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as error:
+            # Said in one line, rather than as a traceback, by twist.
+            raise SystemExit(
+                f"pkgcache: cannot listen on port {error.port}"
+                f"{' of ' + error.interface if error.interface else ''}: {error.socketError}"
+            ) from None
+
+    def stopService(self) -> "Deferred[None]":
+        return Deferred.fromCoroutine(self._stop())
+
     async def _stop(self) -> None:
         await super().stopService()
         await self.resource.close()
-
-    def stopService(self):
-        from twisted.internet.defer import Deferred
-
-        return Deferred.fromCoroutine(self._stop())

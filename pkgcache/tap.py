@@ -26,14 +26,14 @@ def default_cache_dir() -> str:
     return os.path.join(base, "pkgcache")
 
 
-def _positive_seconds(text: str) -> float:
-    value = float(text)
+def _positive_seconds(option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not value > 0:
-        raise ValueError("must be a positive number of seconds")
+        raise usage.UsageError(f"--{option}: a positive number of seconds, not {text!r}")
     return value
-
-
-_positive_seconds.coerceDoc = "Seconds, a positive number."
 
 
 class Options(usage.Options):
@@ -53,17 +53,14 @@ class Options(usage.Options):
         ["cache-dir", None, None,
          "Directory the cache is kept in; created if missing. "
          "[default: $XDG_CACHE_HOME/pkgcache]"],
-        ["connect-timeout", None, 10.0,
-         "Seconds to wait for a source to accept a connection.", _positive_seconds],
-        ["idle-timeout", None, 30.0,
-         "Seconds a source may stay silent (before its headers or within a "
-         "body) before it is given up and the next one tried.", _positive_seconds],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["sources"] = []
         self["listen"] = []
+        self["connect-timeout"] = 10.0
+        self["idle-timeout"] = 30.0
 
     def opt_source(self, url: str) -> None:
         """Base URL to fetch files from (http or https); repeat for failover, in order of preference. At least one is required."""  # noqa: E501
@@ -71,6 +68,14 @@ class Options(usage.Options):
             self["sources"].append(Source(url))
         except ValueError as error:
             raise usage.UsageError(f"--source: {error}") from None
+
+    def opt_connect_timeout(self, seconds: str) -> None:
+        """Seconds to wait for a source to accept a connection. [default: 10]"""
+        self["connect-timeout"] = _positive_seconds("connect-timeout", seconds)
+
+    def opt_idle_timeout(self, seconds: str) -> None:
+        """Seconds a source may stay silent (before its headers or within a body) before it is given up and the next one tried. [default: 30]"""  # noqa: E501
+        self["idle-timeout"] = _positive_seconds("idle-timeout", seconds)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501

@@ -1,0 +1,96 @@
+"""
+``twist pkgcache`` options and the service they build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from pkgcache.resource import PackageCacheResource
+from pkgcache.tap import DEFAULT_LISTEN, Options, makeService
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_sources_and_listeners_repeat_in_order(tmp_path):
+    options = parse(
+        "--source", "https://a.example/gentoo/",
+        "--source", "http://b.example/",
+        "--listen", "tcp:4001",
+        "--listen", "unix:" + str(tmp_path / "sock"),
+        "--cache-dir", str(tmp_path / "cache"),
+        "--connect-timeout", "2.5",
+        "--idle-timeout", "7",
+    )
+    assert [str(s) for s in options["sources"]] == ["https://a.example/gentoo/", "http://b.example/"]
+    assert options["listen"] == ["tcp:4001", "unix:" + str(tmp_path / "sock")]
+    assert options["cache-dir"] == FilePath(str(tmp_path / "cache"))
+    assert (options["connect-timeout"], options["idle-timeout"]) == (2.5, 7.0)
+    assert (tmp_path / "cache" / ".pkgcache-spool").is_dir()
+
+
+def test_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    options = parse("--source", "https://a.example/")
+    assert options["listen"] == [DEFAULT_LISTEN] == ["tcp:4000"]
+    assert options["cache-dir"] == FilePath(str(tmp_path / "xdg" / "pkgcache"))
+    assert options["connect-timeout"] == 10.0 and options["idle-timeout"] == 30.0
+
+
+def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    options = parse("--source", "https://a.example/")
+    assert options["cache-dir"].path == str(tmp_path / ".cache" / "pkgcache")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "at least one --source"),
+        (["--source", "ftp://a.example/"], "not an http:// or https:// URL"),
+        (["--source", "a.example/gentoo"], "not an http:// or https:// URL"),
+        (["--source", "http://a/", "--listen", "tcpp:4000"], "--listen 'tcpp:4000'"),
+        (["--source", "http://a/", "--idle-timeout", "0"], "idle-timeout"),
+        (["--source", "http://a/", "--connect-timeout", "soon"], "connect-timeout"),
+        (["--source", "http://a/", "--cache-dir", "/proc/pkgcache"], "cannot use /proc/pkgcache"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(usage.UsageError) as raised:
+        parse(*args)
+    assert message in str(raised.value)
+
+
+def test_unwritable_cache_dir_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(usage.UsageError, match="cannot use"):
+        parse("--source", "http://a/", "--cache-dir", str(blocker / "cache"))
+
+
+def test_make_service_listens_on_every_endpoint(tmp_path):
+    options = parse(
+        "--source", "http://a.example/",
+        "--cache-dir", str(tmp_path / "cache"),
+        "--listen", "tcp:0:interface=127.0.0.1",
+        "--listen", "unix:" + str(tmp_path / "sock"),
+    )
+    service = makeService(options)
+    listeners = list(service)
+    assert len(listeners) == 2
+    assert all(isinstance(listener, StreamServerEndpointService) for listener in listeners)
+    assert isinstance(service.resource, PackageCacheResource)
+    assert service.site.resource is service.resource
+    assert [str(s) for s in service.resource.upstream.sources] == ["http://a.example/"]
+    assert os.path.isdir(tmp_path / "cache")

@@ -1,0 +1,187 @@
+"""
+The installed ``twist pkgcache``, as a real process: plugin discovery,
+downloads through it, start-up errors, and ``kill -9`` mid-download.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.error import ConnectionRefusedError
+
+from tests.clients import sha256, start_reading
+from tests.conftest import fetch, sleep, wait_for
+
+BIN = Path(sys.executable).parent
+TWIST = BIN / "twist"
+
+pytestmark = pytest.mark.skipif(
+    not TWIST.exists(), reason=f"twist is not installed next to {sys.executable}"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TwistProcess:
+    """``twist pkgcache`` running in a subprocess, on 127.0.0.1."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cwd / f"twist-{self.port}.log"
+        self.process = subprocess.Popen(
+            [str(TWIST), "--log-format=text", "pkgcache",
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *args],
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd,
+        )
+
+    async def ready(self, http) -> None:
+        """Wait until it answers HTTP."""
+        async def answering() -> bool:
+            try:
+                await fetch(http, self.url + "/")
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        for _ in range(200):
+            if self.process.poll() is not None:
+                raise AssertionError(f"twist exited: {self.log.read_text()}")
+            if await answering():
+                return
+            await sleep(0.05)
+        raise AssertionError("twist did not start listening in 10 s")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def twist(tmp_path):
+    started: list[TwistProcess] = []
+
+    def start(*args: str) -> TwistProcess:
+        process = TwistProcess(*args, cwd=tmp_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def test_plugin_is_found_in_the_installed_package(tmp_path):
+    # Run from elsewhere, so only the installed copy can be found.
+    code = (
+        "from twisted.plugin import getPlugins\n"
+        "from twisted.application.service import IServiceMaker\n"
+        "print(sorted(p.tapname for p in getPlugins(IServiceMaker)))\n"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert "'pkgcache'" in output.stdout, output.stderr
+
+
+def test_help_documents_every_option(tmp_path):
+    result = subprocess.run(
+        [str(TWIST), "pkgcache", "--help"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    for option in ("--source", "--cache-dir", "--listen", "--connect-timeout", "--idle-timeout"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "at least one --source"),
+        (["--source", "gopher://x/"], "not an http:// or https:// URL"),
+        (["--source", "http://x/", "--cache-dir", "/proc/nope"], "cannot use /proc/nope"),
+    ],
+)
+def test_bad_command_lines_exit_non_zero_with_a_message(tmp_path, args, message):
+    result = subprocess.run(
+        [str(TWIST), "pkgcache", *args], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_port_in_use_is_one_clear_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(TWIST), "pkgcache", "--source", "http://127.0.0.1:1/",
+             "--cache-dir", str(tmp_path / "cache"),
+             "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode != 0
+    assert f"pkgcache: cannot listen on port {port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_through_twist_then_hit_with_source_gone(origin, twist, http, tmp_path):
+    data = os.urandom(2_000_000)
+    origin.add("/distfiles/foo-1.0.tar.gz", data)
+    cache = tmp_path / "cache"
+    server = twist("--source", origin.url, "--cache-dir", str(cache))
+    await server.ready(http)
+    response, body = await fetch(http, server.url + "/distfiles/foo-1.0.tar.gz")
+    assert (response.code, sha256(body)) == (200, sha256(data))
+    await wait_for(lambda: (cache / "distfiles" / "foo-1.0.tar.gz").exists())
+    await origin.stop()
+    response, body = await fetch(http, server.url + "/distfiles/foo-1.0.tar.gz")
+    assert (response.code, sha256(body)) == (200, sha256(data))
+    assert origin.count("/distfiles/foo-1.0.tar.gz") == 1
+    log = server.log.read_text()
+    assert "GET /distfiles/foo-1.0.tar.gz miss 200 2000000 bytes" in log
+    assert "GET /distfiles/foo-1.0.tar.gz hit 200 2000000 bytes" in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_9_mid_download_publishes_nothing_and_restart_recovers(
+    origin, twist, http, tmp_path
+):
+    data = os.urandom(3_000_000)
+    origin.add("/big.tar", data, rate=1_000_000)
+    cache = tmp_path / "cache"
+    spool = cache / ".pkgcache-spool"
+    server = twist("--source", origin.url, "--cache-dir", str(cache))
+    await server.ready(http)
+    _, reader = await start_reading(http, server.url + "/big.tar")
+    reader.done.addErrback(lambda _: None)
+    await wait_for(lambda: any(p.stat().st_size > 500_000 for p in spool.iterdir()))
+    server.kill(signal.SIGKILL)
+    assert not (cache / "big.tar").exists()
+    assert len(list(spool.iterdir())) == 1  # the crashed process's spool
+
+    origin.add("/big.tar", data)
+    restarted = twist("--source", origin.url, "--cache-dir", str(cache))
+    await restarted.ready(http)
+    assert list(spool.iterdir()) == []
+    response, body = await fetch(http, restarted.url + "/big.tar")
+    assert sha256(body) == sha256(data)
+    await wait_for(lambda: (cache / "big.tar").exists())
+    assert sha256((cache / "big.tar").read_bytes()) == sha256(data)
+    assert origin.count("/big.tar") == 2

@@ -1,0 +1,162 @@
+"""
+Sources: URL building, failure classification, and skipping dead mirrors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from pkgcache.paths import CacheKey
+from pkgcache.upstream import (
+    AllSourcesFailed,
+    Attempt,
+    FailureKind,
+    Source,
+    SourceHealth,
+    UpstreamClient,
+)
+from tests.conftest import fetch
+from tests.origin import refused_url
+
+DATA = os.urandom(10_000)
+
+
+@pytest.mark.parametrize(
+    "base, expected",
+    [
+        ("https://m.example/", "https://m.example/distfiles/a%20b%3Fc%23d"),
+        ("https://m.example", "https://m.example/distfiles/a%20b%3Fc%23d"),
+        ("https://m.example/gentoo/", "https://m.example/gentoo/distfiles/a%20b%3Fc%23d"),
+        ("http://m.example:8080/gentoo", "http://m.example:8080/gentoo/distfiles/a%20b%3Fc%23d"),
+    ],
+)
+def test_source_url_appends_each_segment_encoded(base, expected):
+    key = CacheKey(("distfiles", "a b?c#d"))
+    assert Source(base).url_for(key) == expected
+
+
+def test_a_segment_cannot_leave_the_source():
+    source = Source("https://m.example/gentoo/")
+    url = source.url_for(CacheKey(("..%2F..", "@evil.example", "x")))
+    assert url == "https://m.example/gentoo/..%252F../%40evil.example/x"
+
+
+@pytest.mark.parametrize(
+    "text", ["ftp://m.example/", "m.example/gentoo", "https://", "https://m/?q=1", "", "http://[::1"]
+)
+def test_bad_source_urls_are_refused(text):
+    with pytest.raises(ValueError):
+        Source(text)
+
+
+@pytest.mark.parametrize(
+    "kinds, status",
+    [
+        ([FailureKind.NOT_FOUND, FailureKind.NOT_FOUND], 404),
+        ([FailureKind.TIMEOUT], 504),
+        ([FailureKind.TIMEOUT, FailureKind.NOT_FOUND], 502),
+        ([FailureKind.CONNECTION], 502),
+        ([FailureKind.SERVER_ERROR, FailureKind.UNUSABLE], 502),
+    ],
+)
+def test_status_for_client_when_all_sources_fail(kinds, status):
+    source = Source("http://m.example/")
+    failed = AllSourcesFailed([Attempt(source, kind, "detail") for kind in kinds])
+    assert failed.status == status
+
+
+def test_backoff_grows_is_capped_and_forgotten_on_success():
+    clock = Clock()
+    health = SourceHealth(clock, initial_backoff=10, max_backoff=60)
+    source = Source("http://m.example/")
+    assert [health.record_failure(source) for _ in range(5)] == [10, 20, 40, 60, 60]
+    assert health.is_down(source)
+    clock.advance(59)
+    assert health.is_down(source)
+    clock.advance(1)
+    assert not health.is_down(source)
+    health.record_failure(source)
+    health.record_success(source)
+    assert not health.is_down(source)
+    assert health.record_failure(source) == 10
+
+
+def test_order_skips_down_sources_unless_all_are_down():
+    clock = Clock()
+    health = SourceHealth(clock)
+    a, b, c = Source("http://a/"), Source("http://b/"), Source("http://c/")
+    health.record_failure(b)
+    assert health.order([a, b, c]) == [a, c]
+    health.record_failure(a)
+    health.record_failure(c)
+    assert health.order([a, b, c]) == [a, b, c]
+
+
+def _client(sources, clock, **kwargs) -> UpstreamClient:
+    return UpstreamClient(
+        [Source(s) for s in sources], reactor, health=SourceHealth(clock), **kwargs
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_source_is_skipped_until_its_backoff_ends(origins, make_proxy, http):
+    broken, good = origins(), origins()
+    for name in ("a", "b", "c"):
+        broken.add(f"/{name}", status=503)
+        good.add(f"/{name}", DATA)
+    clock = Clock()
+    upstream = _client([broken.url, good.url], clock)
+    proxy = make_proxy([], upstream=upstream)
+
+    assert (await fetch(http, proxy.url + "/a"))[1] == DATA
+    assert (await fetch(http, proxy.url + "/b"))[1] == DATA
+    assert (broken.count("/a"), broken.count("/b")) == (1, 0)
+
+    clock.advance(10)  # the back-off is over: the source is probed again
+    assert (await fetch(http, proxy.url + "/c"))[1] == DATA
+    assert broken.count("/c") == 1
+    assert upstream.health.is_down(upstream.sources[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_and_timed_out_sources_are_marked_down(origins, make_proxy, http):
+    silent, good = origins(), origins()
+    silent.add("/a", hang=True)
+    good.add("/a", DATA)
+    upstream = _client([refused_url(), silent.url, good.url], Clock(), idle_timeout=0.3)
+    proxy = make_proxy([], upstream=upstream)
+    assert (await fetch(http, proxy.url + "/a"))[1] == DATA
+    refused, timed_out, working = upstream.sources
+    assert upstream.health.is_down(refused)
+    assert upstream.health.is_down(timed_out)
+    assert not upstream.health.is_down(working)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_404_does_not_mark_a_source_down(origins, make_proxy, http):
+    partial, full = origins(), origins()
+    partial.add("/b", DATA)
+    full.add("/a", DATA)
+    upstream = _client([partial.url, full.url], Clock())
+    proxy = make_proxy([], upstream=upstream)
+    assert (await fetch(http, proxy.url + "/a"))[1] == DATA
+    assert (await fetch(http, proxy.url + "/b"))[1] == DATA
+    assert (partial.count("/a"), partial.count("/b")) == (1, 1)
+    assert not upstream.health.is_down(upstream.sources[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_when_every_source_is_down_they_are_tried_anyway(origin, make_proxy, http):
+    origin.add("/a", status=500)
+    upstream = _client([origin.url], Clock())
+    proxy = make_proxy([], upstream=upstream)
+    response, _ = await fetch(http, proxy.url + "/a")
+    assert response.code == 502
+    origin.add("/a", DATA)  # the mirror recovers within its back-off
+    response, body = await fetch(http, proxy.url + "/a")
+    assert (response.code, body) == (200, DATA)
