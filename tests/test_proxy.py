@@ -432,3 +432,26 @@ async def test_not_an_open_proxy(origins, make_proxy):
     answer = await raw_request(proxy.url, b"CONNECT %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (authority, authority))
     assert answer.startswith(b"HTTP/1.1 405 ")
     assert other.origin.requests == [] and mine.origin.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_below_a_path_in_an_existing_site(origin, http, tmp_path):
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from pkgcache import PackageCacheResource
+
+    origin.add(PATH, FILE)
+    root = Resource()
+    cache = PackageCacheResource(sources=[origin.url], cache_dir=str(tmp_path / "cache"))
+    root.putChild(b"gentoo", cache)
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}/gentoo{PATH}"
+        response, body = await fetch(http, url)
+        assert (response.code, body) == (200, FILE)
+        assert origin.origin.requests == [(b"GET", PATH, None)]
+        await wait_for(lambda: (tmp_path / "cache" / PATH.lstrip("/")).exists())
+    finally:
+        await port.stopListening()
+        await cache.close()
