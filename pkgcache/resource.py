@@ -17,7 +17,9 @@ from twisted.web import http, static
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from pkgcache.accesslog import AccessLog
 from pkgcache.download import Download, Downloads
+from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey, UnsafePath, cache_key_from_postpath
 from pkgcache.reader import DownloadReader
 from pkgcache.store import CacheStore
@@ -66,6 +68,9 @@ class PackageCacheResource(Resource):
     :param reactor: the reactor (default: the global one).
     :param upstream: the client for sources (default: one built from
         ``sources`` and the timeouts).
+    :param metrics: where to count requests (default: the upstream
+        client's).
+    :param access_log: where to write one combined-format line per request.
     """
 
     isLeaf = True
@@ -79,6 +84,8 @@ class PackageCacheResource(Resource):
         upstream: Optional[UpstreamClient] = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 30.0,
+        metrics: Optional[Metrics] = None,
+        access_log: Optional[AccessLog] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -86,20 +93,24 @@ class PackageCacheResource(Resource):
         if not cache_dir:
             raise ValueError("a cache directory is needed")
         self._reactor = reactor
+        self._access_log = access_log
         if upstream is None:
             upstream = UpstreamClient(
                 [s if isinstance(s, Source) else Source(s) for s in sources],
                 reactor,
                 connect_timeout=connect_timeout,
                 idle_timeout=idle_timeout,
+                metrics=metrics,
             )
         self.upstream = upstream
+        self.metrics = metrics if metrics is not None else upstream.metrics
         if not isinstance(cache_dir, FilePath):
             cache_dir = FilePath(cache_dir)
         self.store = CacheStore(cache_dir, reactor)
         self.store.create()
         self.store.sweep_stale_spools()
         self.downloads = Downloads(self.store, self.upstream)
+        self.metrics.count_in_flight(lambda: len(self.downloads))
 
     def close(self) -> "Deferred[None]":
         """Give up downloads in progress and close connections to sources."""
@@ -108,7 +119,7 @@ class PackageCacheResource(Resource):
 
     def render(self, request: Request):
         outcome = Outcome(started=self._reactor.seconds())
-        request.notifyFinish().addBoth(self._log_request, request, outcome)
+        request.notifyFinish().addBoth(self._request_done, request, outcome)
         if request.method not in ALLOWED_METHODS:
             request.setHeader(b"allow", b", ".join(ALLOWED_METHODS))
             return _error(request, http.NOT_ALLOWED, "only GET and HEAD are supported")
@@ -178,11 +189,11 @@ class PackageCacheResource(Resource):
         else:
             request.transport.abortConnection()
 
-    def _log_request(self, result, request: Request, outcome: Outcome) -> None:
-        aborted = isinstance(result, Failure)
+    def _request_done(self, result, request: Request, outcome: Outcome) -> None:
+        dropped = isinstance(result, Failure)
         log.info(
             "{method} {path} {outcome} {status} {bytes} bytes {duration:.3f}s "
-            "source={source}{aborted}",
+            "source={source}{dropped}",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("utf-8", "replace"),
             outcome=outcome.kind,
@@ -190,8 +201,11 @@ class PackageCacheResource(Resource):
             bytes=request.sentLength,
             duration=self._reactor.seconds() - outcome.started,
             source=outcome.source,
-            aborted=" (connection dropped)" if aborted else "",
+            dropped=" (connection dropped)" if dropped else "",
         )
+        self.metrics.request_finished(outcome.kind, request.sentLength)
+        if self._access_log is not None:
+            self._access_log.record(request, outcome.kind, dropped)
 
 
 def _watch_disconnect(request: Request) -> list:

@@ -5,7 +5,7 @@ The service behind ``twist pkgcache``: listeners in front of one
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from twisted.application import strports
 from twisted.application.service import MultiService
@@ -16,9 +16,21 @@ from twisted.web.server import Site
 from pkgcache.resource import PackageCacheResource
 
 
+class QuietSite(Site):
+    """
+    A site that leaves request logging to :class:`PackageCacheResource`,
+    which knows each request's cache outcome (Twisted's own line would say
+    the same thing again without it).
+    """
+
+    def log(self, request) -> None:
+        pass
+
+
 class PackageCacheService(MultiService):
     """
-    Serves ``resource`` on every endpoint in ``listen``.
+    Serves ``resource`` on every endpoint in ``listen``, and its metrics on
+    ``metrics_listen``.
 
     Stopping it stops listening, then gives up the downloads in progress
     (their clients are cut off; nothing partial is published) and closes
@@ -26,15 +38,24 @@ class PackageCacheService(MultiService):
     """
 
     def __init__(
-        self, resource: PackageCacheResource, listen: Sequence[str], reactor, site: Site
+        self,
+        resource: PackageCacheResource,
+        listen: Sequence[str],
+        reactor,
+        metrics_listen: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.resource = resource
-        self.site = site
+        self.site = QuietSite(resource)
         for description in listen:
-            # strports.service, unlike a bare StreamServerEndpointService,
-            # makes a failed bind stop start-up with an error.
-            strports.service(description, site, reactor=reactor).setServiceParent(self)
+            self._listen(description, self.site, reactor)
+        if metrics_listen is not None:
+            self._listen(metrics_listen, QuietSite(resource.metrics.resource()), reactor)
+
+    def _listen(self, description: str, site: Site, reactor) -> None:
+        # strports.service, unlike a bare StreamServerEndpointService,
+        # makes a failed bind stop start-up with an error.
+        strports.service(description, site, reactor=reactor).setServiceParent(self)
 
     def startService(self) -> None:
         try:

@@ -10,8 +10,7 @@ from typing import Optional
 from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.filepath import FilePath
-from twisted.web.server import Site
-
+from pkgcache.accesslog import AccessLog
 from pkgcache.resource import PackageCacheResource
 from pkgcache.service import PackageCacheService
 from pkgcache.store import CacheStore
@@ -53,6 +52,12 @@ class Options(usage.Options):
         ["cache-dir", None, None,
          "Directory the cache is kept in; created if missing. "
          "[default: $XDG_CACHE_HOME/pkgcache]"],
+        ["metrics-listen", None, None,
+         "Endpoint to serve Prometheus metrics on, at /metrics (e.g. "
+         "tcp:9400:interface=127.0.0.1). [default: no metrics endpoint]"],
+        ["access-log", None, None,
+         "File to append an access log to, in the combined log format with "
+         "the cache outcome appended; - for standard output."],
     ]
 
     def __init__(self) -> None:
@@ -87,7 +92,17 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:
-            _check_endpoint(description)
+            _check_endpoint("--listen", description)
+        if self["metrics-listen"] is not None:
+            _check_endpoint("--metrics-listen", self["metrics-listen"])
+        if self["access-log"] not in (None, "-"):
+            try:
+                open(self["access-log"], "ab").close()
+            except OSError as error:
+                raise usage.UsageError(
+                    f"--access-log: cannot write {self['access-log']}: "
+                    f"{error.strerror or error}"
+                ) from None
         if self["cache-dir"] is None:
             self["cache-dir"] = default_cache_dir()
         cache_dir = FilePath(os.path.abspath(self["cache-dir"]))
@@ -101,7 +116,7 @@ class Options(usage.Options):
         self["cache-dir"] = cache_dir
 
 
-def _check_endpoint(description: str) -> None:
+def _check_endpoint(option: str, description: str) -> None:
     """
     Parse an endpoint string now, so that a typo is a usage error rather than
     a traceback at start-up.
@@ -111,17 +126,23 @@ def _check_endpoint(description: str) -> None:
     try:
         endpoints.serverFromString(reactor, description)
     except Exception as error:
-        raise usage.UsageError(f"--listen {description!r}: {error}") from None
+        raise usage.UsageError(f"{option} {description!r}: {error}") from None
 
 
 def makeService(config: Options, reactor=None) -> PackageCacheService:
     if reactor is None:
         from twisted.internet import reactor
+    access_log = None
+    if config["access-log"] is not None:
+        access_log = AccessLog.open(config["access-log"], reactor)
     resource = PackageCacheResource(
         config["sources"],
         config["cache-dir"],
         reactor=reactor,
         connect_timeout=config["connect-timeout"],
         idle_timeout=config["idle-timeout"],
+        access_log=access_log,
     )
-    return PackageCacheService(resource, config["listen"], reactor, Site(resource))
+    return PackageCacheService(
+        resource, config["listen"], reactor, metrics_listen=config["metrics-listen"]
+    )

@@ -35,6 +35,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from pkgcache import __version__
+from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
 
 USER_AGENT = f"pkgcache/{__version__}".encode("ascii")
@@ -436,6 +437,7 @@ class UpstreamClient:
         connect_timeout: float = 10.0,
         idle_timeout: float = 30.0,
         health: Optional[SourceHealth] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         if not sources:
             raise ValueError("at least one source is needed")
@@ -443,6 +445,7 @@ class UpstreamClient:
         self.clock = clock if clock is not None else reactor
         self.idle_timeout = idle_timeout
         self.health = health if health is not None else SourceHealth(self.clock)
+        self.metrics = metrics if metrics is not None else Metrics()
         self._pool: Optional[HTTPConnectionPool] = None
         if http_client is None:
             self._pool = HTTPConnectionPool(reactor)
@@ -479,7 +482,11 @@ class UpstreamClient:
         :raises AllSourcesFailed: if none did.
         """
         attempts: list[Attempt] = []
+        if offset:
+            self.metrics.failovers.inc()
         for source in self._ordered(after):
+            if attempts:
+                self.metrics.failovers.inc()
             try:
                 response = await self._try(source, key, method, offset, total_length)
             except _SourceFailed as failed:
@@ -540,14 +547,20 @@ class UpstreamClient:
             response = await requesting
         except Exception as exc:
             if timer.expired:
-                raise _SourceFailed(
+                failed = _SourceFailed(
                     FailureKind.TIMEOUT, f"no answer within {self.idle_timeout:g}s"
-                ) from None
-            if isinstance(exc, CancelledError):
+                )
+            elif isinstance(exc, CancelledError):
                 raise
-            raise _classify_request_error(exc) from None
+            else:
+                failed = _classify_request_error(exc)
+            self.metrics.upstream_answered(
+                str(source), "timeout" if failed.kind is FailureKind.TIMEOUT else "error"
+            )
+            raise failed from None
         finally:
             timer.stop()
+        self.metrics.upstream_answered(str(source), str(response.code))
         upstream = UpstreamResponse(source, response, method, offset, self)
         problem = _check_response(upstream, offset, total_length)
         if problem is not None:

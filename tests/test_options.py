@@ -63,6 +63,8 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--idle-timeout", "0"], "idle-timeout"),
         (["--source", "http://a/", "--connect-timeout", "soon"], "connect-timeout"),
         (["--source", "http://a/", "--cache-dir", "/proc/pkgcache"], "cannot use /proc/pkgcache"),
+        (["--source", "http://a/", "--metrics-listen", "tcp:x"], "--metrics-listen 'tcp:x'"),
+        (["--source", "http://a/", "--access-log", "/proc/x.log"], "--access-log: cannot write"),
     ],
 )
 def test_bad_options_are_usage_errors(args, message, tmp_path, monkeypatch):

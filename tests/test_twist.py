@@ -112,6 +112,9 @@ def test_help_documents_every_option(tmp_path):
         ([], "at least one --source"),
         (["--source", "gopher://x/"], "not an http:// or https:// URL"),
         (["--source", "http://x/", "--cache-dir", "/proc/nope"], "cannot use /proc/nope"),
+        (["--source", "http://x/", "--metrics-listen", "nonsense:1"], "--metrics-listen"),
+        (["--source", "http://x/", "--access-log", "/proc/nope.log"], "--access-log"),
+        (["--source", "http://x/", "--no-such-option"], "no-such-option"),
     ],
 )
 def test_bad_command_lines_exit_non_zero_with_a_message(tmp_path, args, message):
@@ -145,7 +148,12 @@ async def test_download_through_twist_then_hit_with_source_gone(origin, twist, h
     data = os.urandom(2_000_000)
     origin.add("/distfiles/foo-1.0.tar.gz", data)
     cache = tmp_path / "cache"
-    server = twist("--source", origin.url, "--cache-dir", str(cache))
+    access_log = tmp_path / "access.log"
+    metrics_port = free_port()
+    server = twist(
+        "--source", origin.url, "--cache-dir", str(cache), "--access-log", str(access_log),
+        "--metrics-listen", f"tcp:{metrics_port}:interface=127.0.0.1",
+    )
     await server.ready(http)
     response, body = await fetch(http, server.url + "/distfiles/foo-1.0.tar.gz")
     assert (response.code, sha256(body)) == (200, sha256(data))
@@ -157,6 +165,12 @@ async def test_download_through_twist_then_hit_with_source_gone(origin, twist, h
     log = server.log.read_text()
     assert "GET /distfiles/foo-1.0.tar.gz miss 200 2000000 bytes" in log
     assert "GET /distfiles/foo-1.0.tar.gz hit 200 2000000 bytes" in log
+    entries = access_log.read_text().splitlines()
+    assert entries[-2].endswith('"GET /distfiles/foo-1.0.tar.gz HTTP/1.1" 200 2000000 "-" "-" miss')
+    assert entries[-1].endswith('"GET /distfiles/foo-1.0.tar.gz HTTP/1.1" 200 2000000 "-" "-" hit')
+    _, metrics = await fetch(http, f"http://127.0.0.1:{metrics_port}/metrics")
+    assert b'pkgcache_requests_total{outcome="hit"} 1.0' in metrics
+    assert b'pkgcache_requests_total{outcome="miss"} 1.0' in metrics
 
 
 @pytest_twisted.ensureDeferred

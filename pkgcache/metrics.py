@@ -1,0 +1,107 @@
+"""
+Prometheus metrics, served on their own endpoint (``--metrics-listen``) so
+that they never share the mirror's URL space.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+
+#: Where the body of a request with each outcome came from (error pages
+#: are neither).
+_BODY_ORIGIN = {"hit": "cache", "miss": "source", "coalesced": "source"}
+
+
+class Metrics:
+    """
+    Every metric pkgcache keeps, in a registry of its own (so that two
+    caches in one process, or tests, do not collide).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pkgcache_requests",
+            "Requests answered, by outcome: hit, miss, coalesced (joined a "
+            "download in progress) or error.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.served_bytes = Counter(
+            "pkgcache_served_bytes",
+            "Body bytes sent to clients, by where they came from: cache or source.",
+            ["origin"],
+            registry=self.registry,
+        )
+        self.upstream_requests = Counter(
+            "pkgcache_upstream_requests",
+            "Requests sent to sources, by source and status (or 'error', 'timeout').",
+            ["source", "status"],
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "pkgcache_failovers",
+            "Times a source failed and the next one was tried (or a body resumed from it).",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "pkgcache_downloads_in_flight",
+            "Downloads from sources in progress.",
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "pkgcache_cache_size_bytes",
+            "Bytes of published files in the cache.",
+            registry=self.registry,
+        )
+        self.cache_files = Gauge(
+            "pkgcache_cache_files",
+            "Published files in the cache.",
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "pkgcache_evictions",
+            "Files removed from the cache to keep it under --max-cache-size.",
+            registry=self.registry,
+        )
+        self.evicted_bytes = Counter(
+            "pkgcache_evicted_bytes",
+            "Bytes removed from the cache to keep it under --max-cache-size.",
+            registry=self.registry,
+        )
+
+    def count_in_flight(self, count: Callable[[], int]) -> None:
+        """Read the number of downloads in progress from ``count`` on scrape."""
+        self.in_flight.set_function(count)
+
+    def request_finished(self, outcome: str, body_bytes: int) -> None:
+        self.requests.labels(outcome).inc()
+        origin = _BODY_ORIGIN.get(outcome)
+        if origin is not None and body_bytes:
+            self.served_bytes.labels(origin).inc(body_bytes)
+
+    def upstream_answered(self, source: str, status: str) -> None:
+        self.upstream_requests.labels(source, status).inc()
+
+    def resource(self) -> Resource:
+        """A site root with the metrics at ``/metrics``."""
+        root = Resource()
+        root.putChild(b"metrics", _MetricsPage(self.registry))
+        return root
+
+
+class _MetricsPage(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)

@@ -1,0 +1,139 @@
+"""
+Metrics and the access log, after a known sequence of requests.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
+from twisted.internet.task import Clock
+from twisted.web.client import ResponseFailed
+
+from pkgcache.accesslog import AccessLog
+from pkgcache.metrics import Metrics
+from pkgcache.service import QuietSite
+from tests.clients import start_reading
+from tests.conftest import fetch, raw_request, wait_for
+from tests.origin import refused_url
+
+DATA = os.urandom(200_000)
+
+
+async def scrape(http, metrics: Metrics) -> dict:
+    """Serve ``metrics`` on 127.0.0.1, GET /metrics, and parse the samples."""
+    port = reactor.listenTCP(0, QuietSite(metrics.resource()), interface="127.0.0.1")
+    try:
+        response, body = await fetch(http, f"http://127.0.0.1:{port.getHost().port}/metrics")
+    finally:
+        await port.stopListening()
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = (sample.name,) + tuple(sorted(sample.labels.items()))
+            samples[key] = sample.value
+    return samples
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_after_hits_misses_coalesced_errors_and_failovers(origin, make_proxy, http):
+    origin.add("/a", DATA)
+    origin.add("/b", DATA, rate=1_000_000)
+    origin.add("/broken", status=500)
+    dead = refused_url()
+    metrics = Metrics()
+    proxy = make_proxy([dead, origin.url], metrics=metrics)
+
+    await fetch(http, proxy.url + "/a")  # miss, after failing over from the dead source
+    await proxy.published("/a")
+    await fetch(http, proxy.url + "/a")  # hit
+    first, second = [await start_reading(http, proxy.url + "/b") for _ in range(2)]
+    samples_during = await scrape(http, metrics)
+    await DeferredList([first[1].done, second[1].done], fireOnOneErrback=True)
+    await fetch(http, proxy.url + "/missing")  # error: 404 everywhere
+    await proxy.published("/b")
+
+    samples = await scrape(http, metrics)
+    assert samples_during[("pkgcache_downloads_in_flight",)] == 1
+    assert samples[("pkgcache_downloads_in_flight",)] == 0
+    outcome = lambda kind: samples[("pkgcache_requests_total", ("outcome", kind))]  # noqa: E731
+    assert (outcome("hit"), outcome("miss"), outcome("coalesced"), outcome("error")) == (1, 2, 1, 1)
+    assert samples[("pkgcache_served_bytes_total", ("origin", "cache"))] == len(DATA)
+    assert samples[("pkgcache_served_bytes_total", ("origin", "source"))] == 3 * len(DATA)
+    upstream = lambda source, status: samples.get(  # noqa: E731
+        ("pkgcache_upstream_requests_total", ("source", source), ("status", status)), 0
+    )
+    # The dead source is skipped after its first failure.
+    assert upstream(dead, "error") == 1
+    assert upstream(origin.url, "200") == 2
+    assert upstream(origin.url, "404") == 1
+    assert samples[("pkgcache_failovers_total",)] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_are_not_in_the_mirror_url_space(origin, make_proxy, http):
+    proxy = make_proxy([origin.url])
+    response, _ = await fetch(http, proxy.url + "/metrics")
+    assert response.code == 404
+    assert origin.count("/metrics") == 1  # asked of the source, like any file
+
+
+_LINE = re.compile(
+    r'^(?P<host>\S+) - - \[(?P<time>[^]]+)\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) '
+    r'(?P<bytes>\d+|-) "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)" '
+    r'(?P<outcome>\w+)(?P<dropped> dropped)?$'
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_lines(origin, make_proxy, http):
+    origin.add("/a", DATA)
+    origin.add("/cut", DATA, close_at=50_000, ranges=False)
+    stream = io.BytesIO()
+    clock = Clock()
+    clock.advance(1_600_000_000)
+    proxy = make_proxy([origin.url], access_log=AccessLog(stream, clock))
+
+    await fetch(http, proxy.url + "/a?x=1", headers={b"user-agent": [b'Wget "1.21"'],
+                                                     b"referer": [b"http://r/"]})
+    await proxy.published("/a")
+    await fetch(http, proxy.url + "/a")
+    await fetch(http, proxy.url + "/nothing")
+    _, cut = await start_reading(http, proxy.url + "/cut")
+    try:
+        await cut.done
+    except ResponseFailed:
+        pass
+    await wait_for(lambda: stream.getvalue().count(b"\n") == 4)
+
+    lines = [_LINE.match(line) for line in stream.getvalue().decode().splitlines()]
+    assert all(lines), stream.getvalue()
+    miss, hit, missing, dropped = (line.groupdict() for line in lines)
+    assert miss == {
+        "host": "127.0.0.1", "time": "13/Sep/2020:12:26:40 +0000",
+        "request": "GET /a?x=1 HTTP/1.1", "status": "200", "bytes": str(len(DATA)),
+        "referer": "http://r/", "agent": 'Wget \\"1.21\\"', "outcome": "miss", "dropped": None,
+    }
+    assert (hit["outcome"], hit["status"], hit["agent"]) == ("hit", "200", "-")
+    assert (missing["outcome"], missing["status"]) == ("error", "404")
+    assert (dropped["outcome"], dropped["dropped"]) == ("miss", " dropped")
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_escapes_what_clients_send(origin, make_proxy):
+    stream = io.BytesIO()
+    proxy = make_proxy([origin.url], access_log=AccessLog(stream, reactor))
+    await raw_request(
+        proxy.url, b'GET /x HTTP/1.0\r\nUser-Agent: evil" 200 1 "-\x01\r\n\r\n'
+    )
+    await wait_for(lambda: stream.getvalue().endswith(b"\n"))
+    line = stream.getvalue().decode()
+    assert '"evil\\" 200 1 \\"-\\x01"' in line
+    assert line.count("\n") == 1
