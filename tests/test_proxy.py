@@ -455,3 +455,24 @@ async def test_embedded_below_a_path_in_an_existing_site(origin, http, tmp_path)
     finally:
         await port.stopListening()
         await cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hits_record_their_access_time_at_most_hourly(origin, make_proxy, http):
+    import time
+
+    origin.add(PATH, FILE, headers={b"last-modified": datetimeToString(1_600_000_000)})
+    proxy = make_proxy([origin.url])
+    await fetch(http, proxy.url + PATH)
+    path = proxy.cached(PATH).path
+    await proxy.published(PATH)
+
+    os.utime(path, (1_000_000_000, 1_600_000_000))
+    await fetch(http, proxy.url + PATH)
+    assert abs(os.stat(path).st_atime - time.time()) < 60
+    assert os.stat(path).st_mtime == 1_600_000_000
+
+    recently = time.time() - 600
+    os.utime(path, (recently, 1_600_000_000))
+    await fetch(http, proxy.url + PATH)
+    assert os.stat(path).st_atime == recently

@@ -199,3 +199,33 @@ async def test_kill_9_mid_download_publishes_nothing_and_restart_recovers(
     await wait_for(lambda: (cache / "big.tar").exists())
     assert sha256((cache / "big.tar").read_bytes()) == sha256(data)
     assert origin.count("/big.tar") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_and_ssl_endpoints(origin, twist, http, tmp_path):
+    from twisted.internet import ssl
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    key = ssl.KeyPair.generate(size=2048)
+    certificate = key.selfSignedCert(1, CN="localhost")
+    pem = tmp_path / "server.pem"
+    pem.write_bytes(certificate.dumpPEM())
+    data = os.urandom(100_000)
+    origin.add("/pool/x.deb", data)
+    socket_path = tmp_path / "pkgcache.sock"
+    tls_port = free_port()
+    server = twist(
+        "--source", origin.url, "--cache-dir", str(tmp_path / "cache"),
+        "--listen", f"unix:{socket_path}",
+        "--listen", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={pem}",
+    )
+    await server.ready(http)
+    for how in (["--unix-socket", str(socket_path), "http://localhost/pool/x.deb"],
+                ["--cacert", str(pem), f"https://localhost:{tls_port}/pool/x.deb",
+                 "--resolve", f"localhost:{tls_port}:127.0.0.1"]):
+        output, err, code = await getProcessOutputAndValue(
+            "curl", ["-sS", "--fail", "--max-time", "20", *how]
+        )
+        assert code == 0, err
+        assert output == data
+    assert origin.count("/pool/x.deb") == 1
