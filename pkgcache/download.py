@@ -82,7 +82,6 @@ class Download:
         self.failure: Optional[BaseException] = None
         self.accepting_readers = True
         self.readers: set[DownloadReader] = set()
-        self.sources_used: list[str] = []
         self._spool: Optional[Spool] = None
         self._on_disk = 0
         self._memory: Optional[bytearray] = None
@@ -196,7 +195,6 @@ class Download:
         resumes_without_progress = 0
         while True:
             self._current = response
-            self.sources_used.append(str(response.source))
             started_at = self.received
             try:
                 await response.stream(self._received_chunk)

@@ -52,7 +52,6 @@ class Outcome:
     kind: str = "error"
     source: str = "-"
     started: float = 0.0
-    detail: str = ""
 
 
 class PackageCacheResource(Resource):
@@ -183,7 +182,7 @@ class PackageCacheResource(Resource):
 
     def _unexpected(self, failure: Failure, request: Request, outcome: Outcome) -> None:
         log.failure("error answering {path}", failure, path=request.path)
-        outcome.detail = failure.getErrorMessage()
+        outcome.kind = "error"
         if not request.startedWriting:
             _error(request, http.INTERNAL_SERVER_ERROR, "internal error", finish=True)
         else:
@@ -285,7 +284,6 @@ def _parse_single_range(header: Optional[bytes], length: Optional[int]):
 
 def _source_failure(request: Request, failed: AllSourcesFailed, outcome: Outcome) -> None:
     outcome.kind = "error"
-    outcome.detail = str(failed)
     _error(request, failed.status, f"no source provided this file:\n{failed}", finish=True)
 
 

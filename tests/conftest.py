@@ -81,6 +81,10 @@ class Proxy:
     def cached(self, path: str) -> FilePath:
         return self.cache_dir.preauthChild(path.lstrip("/"))
 
+    def spools(self) -> list[str]:
+        """The names in the spool directory."""
+        return os.listdir(self.cache_dir.child(".pkgcache-spool").path)
+
     async def published(self, path: str) -> bytes:
         """The cached file's content, once it is published."""
         await wait_for(lambda: self.cached(path).exists())

@@ -179,7 +179,7 @@ async def test_head_on_a_miss_asks_the_sources_and_caches_nothing(origins, make_
     assert (good.count(PATH, b"HEAD"), good.count(PATH)) == (1, 0)
     await sleep(0.05)
     assert not proxy.cached(PATH).exists()
-    assert os.listdir(proxy.cache_dir.child(".pkgcache-spool").path) == []
+    assert proxy.spools() == []
 
 
 @pytest_twisted.ensureDeferred

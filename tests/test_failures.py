@@ -25,10 +25,6 @@ from tests.test_coalescing import KEY, PATH, in_flight
 DATA = os.urandom(1_000_000)
 
 
-def spool_names(proxy) -> list[str]:
-    return os.listdir(proxy.cache_dir.child(".pkgcache-spool").path)
-
-
 @pytest_twisted.ensureDeferred
 async def test_resume_from_next_source_after_a_drop(origins, make_proxy, http):
     dropping, resuming = origins(), origins()
@@ -64,7 +60,7 @@ async def test_every_client_cut_off_when_no_source_can_resume(origins, make_prox
     for succeeded, result in results:
         assert not succeeded and result.check(ResponseFailed)
     assert not proxy.cached(PATH).exists()
-    await wait_for(lambda: spool_names(proxy) == [])
+    await wait_for(lambda: proxy.spools() == [])
     assert other_file.origin.requests == [(b"GET", PATH, b"bytes=300000-")]
 
     # The next request starts afresh (from the second source: the first
@@ -125,7 +121,7 @@ async def test_full_disk_keeps_streaming_to_attached_clients(
     # source was paused instead.
     assert 0 < largest_buffer <= MEMORY_HIGH_WATER + CHUNK_SIZE * 4
     assert not proxy.cached(PATH).exists()
-    assert spool_names(proxy) == []
+    assert proxy.spools() == []
 
     # Still serving, and caching what fits.
     response, body = await fetch(http, proxy.url + "/small")
@@ -149,5 +145,5 @@ async def test_two_processes_on_one_cache_dir(origin, make_proxy, http, tmp_path
     assert await first.published(PATH) == DATA
     await wait_for(lambda: in_flight(first) is None and in_flight(second) is None)
     assert first.cached(PATH).getContent() == DATA
-    assert spool_names(first) == []
+    assert first.spools() == []
     assert origin.count(PATH) == 2
