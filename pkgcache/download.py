@@ -1,30 +1,34 @@
 """
 One download of one file, shared by every client that asks for it meanwhile.
 
-A :class:`Download` fetches the file from the sources once, appends each chunk
-to a spool file as it arrives, and publishes the spool into the cache when the
-body is complete.  Clients never receive chunks from it directly: each one
-reads the spool with its own :class:`~pkgcache.reader.DownloadReader`, at its
-own pace, from wherever it joined.  So a slow client holds back nobody (the
-source is read as fast as it sends), a late joiner gets the bytes already
-spooled and then the new ones, and memory holds no body, whatever the file's
-size or the clients' speeds.
+A :class:`Download` fetches the file from the sources once, keeps each chunk
+in memory until a worker thread has appended it to a spool file, and
+publishes the spool into the cache when the body is complete.  Clients never
+receive chunks pushed at them: each one pulls from the download with its own
+:class:`~pkgcache.reader.DownloadReader`, at its own pace, from wherever it
+joined: bytes already on disk from the spool, the newest ones from memory.
+So a slow client holds back nobody (the source is read as fast as it sends
+and the disk takes it), a late joiner gets the bytes already spooled and
+then the new ones, and memory holds no body, whatever the file's size or
+the clients' speeds: if the disk falls more than a few megabytes behind the
+source, the source is paused.
 
 Two things can go wrong after the headers:
 
 - The body breaks off.  If the file's length is known, the download resumes
   from the next source with ``Range: bytes=N-``; failing that, every client's
-  connection is dropped (so no client takes a short file for a whole one) and
+  connection is cut (so no client takes a short file for a whole one) and
   the spool is deleted.
 - The spool cannot be written (disk full, I/O error).  The download stops
-  caching, deletes the spool and carries on for the clients already attached,
-  keeping what they have not yet read in memory: within a bound, since the
-  source is paused while the slowest of them catches up.  New clients start a
-  download of their own.
+  caching, deletes the spool and carries on for the clients already
+  attached, keeping what they have not yet read in memory: within a bound,
+  since the source is paused while the slowest of them catches up.  New
+  clients start a download of their own.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -37,8 +41,9 @@ from pkgcache.upstream import AllSourcesFailed, BodyFailed, UpstreamClient, Upst
 if TYPE_CHECKING:
     from pkgcache.reader import DownloadReader
 
-#: Once the spool is lost, the source is paused when clients lag this far
-#: behind it, and resumed when they are back within the low mark.
+#: The source is paused when this much of its body waits in memory (for the
+#: disk or, once the spool is lost, for the slowest client), and resumed
+#: when that is back under the low mark.
 MEMORY_HIGH_WATER = 8 * 1024 * 1024
 MEMORY_LOW_WATER = 2 * 1024 * 1024
 #: A body that breaks off is resumed from another source; a source that
@@ -47,6 +52,58 @@ MEMORY_LOW_WATER = 2 * 1024 * 1024
 MAX_RESUMES_WITHOUT_PROGRESS = 3
 
 log = Logger()
+
+
+class ChunkBuffer:
+    """
+    The bytes of a file from some offset up to what has been received, as
+    the chunks they arrived in (so that nothing is copied to append, trim or
+    hand to a writer).
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._chunks: list[bytes] = []
+        self.start = 0
+        self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def append(self, data: bytes) -> None:
+        self._starts.append(self.end)
+        self._chunks.append(data)
+        self.end += len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``offset`` (within one chunk)."""
+        assert self.start <= offset <= self.end, "read outside the buffer"
+        if offset == self.end:
+            return b""
+        index = bisect_right(self._starts, offset) - 1
+        within = offset - self._starts[index]
+        return self._chunks[index][within : within + length]
+
+    def chunks_from(self, offset: int) -> list[bytes]:
+        """Everything from ``offset`` on."""
+        if offset >= self.end:
+            return []
+        index = bisect_right(self._starts, offset) - 1
+        within = offset - self._starts[index]
+        return [self._chunks[index][within:], *self._chunks[index + 1 :]]
+
+    def drop_before(self, offset: int) -> None:
+        """Forget the chunks that end at or before ``offset``."""
+        if offset >= self.end:
+            self._starts.clear()
+            self._chunks.clear()
+            self.start = self.end
+            return
+        first_kept = bisect_right(self._starts, offset) - 1
+        if first_kept > 0:
+            del self._starts[:first_kept]
+            del self._chunks[:first_kept]
+            self.start = self._starts[0]
 
 
 class Download:
@@ -83,22 +140,24 @@ class Download:
         self.accepting_readers = True
         self.readers: set[DownloadReader] = set()
         self._spool: Optional[Spool] = None
+        self._caching = False
         self._on_disk = 0
-        self._memory: Optional[bytearray] = None
-        self._memory_start = 0
+        self._writing = False
+        self._buffer = ChunkBuffer()
         self._paused_for_memory = False
         self._headers_waiters: list[Deferred[UpstreamResponse]] = []
-        self._running: Optional[Deferred[None]] = None
+        self._settled_waiters: list[Deferred[None]] = []
+        self._fetching: Optional[Deferred[None]] = None
         #: Fires once the download has ended and its spool is published or gone.
         self.finished: Deferred[None] = Deferred()
 
     def start(self) -> None:
-        self._running = Deferred.fromCoroutine(self._run())
+        Deferred.fromCoroutine(self._run())
 
     def cancel(self) -> None:
         """Give up (on shutdown): clients are cut off, nothing is published."""
-        if self._running is not None:
-            self._running.cancel()
+        if self._fetching is not None:
+            self._fetching.cancel()
 
     def when_headers_known(self) -> "Deferred[UpstreamResponse]":
         """
@@ -116,8 +175,8 @@ class Download:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes held in memory for readers (only once the spool is lost)."""
-        return len(self._memory) if self._memory is not None else 0
+        """Bytes of the body held in memory, for the disk or for readers."""
+        return len(self._buffer)
 
     @property
     def ended(self) -> bool:
@@ -131,7 +190,7 @@ class Download:
     def detach(self, reader: "DownloadReader") -> None:
         self.readers.discard(reader)
         self.reader_advanced()
-        if not self.readers and self._memory is not None and not self.ended:
+        if not self.readers and not self._caching and not self.ended:
             # Nobody is left to stream to and nothing is being cached.
             log.info("all clients of {path} left and it cannot be cached: stopping",
                      path=str(self.key))
@@ -144,45 +203,41 @@ class Download:
         so far (``b""`` if none yet).
         """
         if offset < self._on_disk:
-            return self._readable_spool().read(offset, min(length, self._on_disk - offset))
-        if self._memory is None:
-            return b""
-        start = offset - self._memory_start
-        assert start >= 0, "a reader fell behind the memory buffer"
-        return bytes(self._memory[start : start + length])
+            assert self._spool is not None
+            return self._spool.read(offset, min(length, self._on_disk - offset))
+        return self._buffer.read(offset, length)
 
     def reader_advanced(self) -> None:
-        """A reader consumed data: memory no reader needs can go."""
-        if self._memory is None:
-            return
-        lowest = min((reader.offset for reader in self.readers), default=self.received)
-        drop = lowest - self._memory_start
-        if drop > 0:
-            del self._memory[:drop]
-            self._memory_start += drop
-        if self._paused_for_memory and len(self._memory) <= MEMORY_LOW_WATER:
-            self._paused_for_memory = False
-            if self._current is not None:
-                self._current.resume()
+        """A reader consumed data: memory no reader needs may go."""
+        self._trim_buffer()
 
     # -- the fetch ----------------------------------------------------------
 
     async def _run(self) -> None:
+        self._fetching = Deferred.fromCoroutine(self._fetch())
         try:
-            await self._fetch()
+            await self._fetching
+            await self._writes_settled()
         except CancelledError:
-            self._fail(CancelledError("download cancelled"))
+            failure: Optional[BaseException] = CancelledError("download cancelled")
         except (AllSourcesFailed, BodyFailed) as failed:
-            self._fail(failed)
+            failure = failed
         except Exception as error:
             log.failure("download of {path} failed unexpectedly", path=str(self.key))
-            self._fail(error)
+            failure = error
         else:
+            failure = None
+        self._fetching = None
+        if failure is None:
             await self._publish()
-        finally:
-            self._retire()
-            self.finished.callback(None)
-            self._close_spool_if_unused()
+        else:
+            self._fail(failure)
+            await self._writes_settled()
+            if self._spool is not None:
+                self._spool.discard()
+        self._retire()
+        self.finished.callback(None)
+        self._close_spool_if_unused()
 
     async def _fetch(self) -> None:
         response = await self._upstream.fetch(self.key)
@@ -248,27 +303,80 @@ class Download:
                 path=str(self.key), error=error,
             )
             self._stop_caching()
+        else:
+            self._caching = True
 
     def _received_chunk(self, data: bytes) -> None:
-        if self._spool is not None and self._memory is None:
-            try:
-                self._spool.write(data)
-            except OSError as error:
-                log.error(
-                    "writing the spool of {path} failed, no longer caching it: {error}",
-                    path=str(self.key), error=error,
-                )
-                self._stop_caching()
-            else:
-                self._on_disk = self._spool.size
-        if self._memory is not None:
-            self._memory += data
+        self._buffer.append(data)
         self.received += len(data)
         self._notify_readers()
-        if self._memory is not None and len(self._memory) > MEMORY_HIGH_WATER:
-            if not self._paused_for_memory and self._current is not None:
+        self._write_pending()
+        if len(self._buffer) > MEMORY_HIGH_WATER and not self._paused_for_memory:
+            if self._current is not None:
                 self._paused_for_memory = True
                 self._current.pause()
+
+    # -- the spool ------------------------------------------------------------
+
+    def _write_pending(self) -> None:
+        """
+        Hand what the disk has not got yet to the disk thread, unless a
+        write is under way (its completion calls us again).
+        """
+        if self._writing or not self._caching:
+            return
+        chunks = self._buffer.chunks_from(self._on_disk)
+        if not chunks:
+            return
+        self._writing = True
+        assert self._spool is not None
+        written = self._store.in_disk_thread(self._spool.write_all, chunks)
+        written.addCallbacks(self._written, self._write_failed)
+
+    def _written(self, count: int) -> None:
+        self._writing = False
+        self._on_disk += count
+        self._trim_buffer()
+        self._write_pending()
+        self._check_settled()
+
+    def _write_failed(self, failure) -> None:
+        self._writing = False
+        log.error(
+            "writing the spool of {path} failed, no longer caching it: {error}",
+            path=str(self.key), error=failure.getErrorMessage(),
+        )
+        self._stop_caching()
+        self._check_settled()
+
+    def _writes_settled(self) -> "Deferred[None]":
+        """Fires once every byte received is on disk, or caching stopped."""
+        waiter: Deferred[None] = Deferred()
+        self._settled_waiters.append(waiter)
+        self._check_settled()
+        return waiter
+
+    def _check_settled(self) -> None:
+        if self._writing or (self._caching and self._on_disk < self.received):
+            return
+        waiters, self._settled_waiters = self._settled_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _trim_buffer(self) -> None:
+        """
+        Drop from memory what is on disk (while caching) or what every
+        reader has read (once not), and resume a source paused for memory.
+        """
+        if self._caching:
+            needed_from = self._on_disk
+        else:
+            needed_from = min((reader.offset for reader in self.readers), default=self.received)
+        self._buffer.drop_before(needed_from)
+        if self._paused_for_memory and len(self._buffer) <= MEMORY_LOW_WATER:
+            self._paused_for_memory = False
+            if self._current is not None:
+                self._current.resume()
 
     def _stop_caching(self) -> None:
         """
@@ -276,19 +384,15 @@ class Download:
         spool's name (what was written stays readable for attached readers)
         and let new clients start afresh.
         """
-        self._memory = bytearray()
-        self._memory_start = self._on_disk
+        self._caching = False
         if self._spool is not None:
             self._spool.discard()
-        self.accepting_readers = False
         self._retire()
-        if self._spool is not None and self._on_disk == 0:
-            self._spool.close()
-            self._spool = None
 
     async def _publish(self) -> None:
-        if self._spool is None or self._memory is not None:
+        if not self._caching:
             return
+        assert self._spool is not None and self.response is not None
         try:
             await self._spool.publish(self.response.last_modified_timestamp)
         except Exception as error:
@@ -298,13 +402,12 @@ class Download:
 
     def _fail(self, reason: BaseException) -> None:
         self.failure = reason
+        self._caching = False
         if not isinstance(reason, (AllSourcesFailed, CancelledError)):
             log.error("download of {path} failed: {reason}", path=str(self.key), reason=reason)
         for waiter in self._headers_waiters:
             waiter.errback(reason)
         self._headers_waiters.clear()
-        if self._spool is not None:
-            self._spool.discard()
         self._notify_readers()
 
     def _notify_readers(self) -> None:
@@ -318,15 +421,12 @@ class Download:
         if on_retired is not None:
             on_retired(self)
 
-    def _readable_spool(self) -> Spool:
-        assert self._spool is not None
-        return self._spool
-
     def _close_spool_if_unused(self) -> None:
-        if self._spool is not None and self.finished.called and not self.readers:
-            self._spool.close()
-            self._spool = None
-            self._memory = None
+        if self.finished.called and not self.readers:
+            if self._spool is not None:
+                self._spool.close()
+                self._spool = None
+            self._buffer.drop_before(self.received)
 
 
 class Downloads:

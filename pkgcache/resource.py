@@ -114,6 +114,7 @@ class PackageCacheResource(Resource):
     def close(self) -> "Deferred[None]":
         """Give up downloads in progress and close connections to sources."""
         self.downloads.cancel_all()
+        self.store.close()
         return self.upstream.close()
 
     def render(self, request: Request):

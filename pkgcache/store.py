@@ -32,11 +32,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath, InsecurePath
+from twisted.python.threadpool import ThreadPool
 
 from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey
 
 SPOOL_DIR_NAME = ".pkgcache-spool"
 assert SPOOL_DIR_NAME in RESERVED_TOP_LEVEL_NAMES
+
+#: Threads for blocking disk work (spool writes, fsync).  Our own pool, so
+#: that a slow disk cannot starve the reactor's, which resolves host names.
+DISK_THREADS = 4
 
 #: A hit refreshes a file's atime only when it is older than this, so a busy
 #: file costs one ``utime`` an hour rather than one per request.
@@ -47,15 +52,17 @@ log = Logger()
 
 class CacheStore:
     """
-    A cache directory: look up published files, create and sweep spools.
+    A cache directory: look up published files, create and sweep spools,
+    and run the disk work that would block the reactor in threads.
 
-    :param reactor: provides the thread pool that ``fsync`` runs in.
+    :param reactor: runs the disk threads' results back in its thread.
     """
 
     def __init__(self, cache_dir: FilePath, reactor) -> None:
         self.cache_dir = cache_dir
         self.spool_dir = cache_dir.child(SPOOL_DIR_NAME)
         self._reactor = reactor
+        self._disk_threads: Optional[ThreadPool] = None
         # mkstemp makes 0600 files; published files get the usual mode.
         self._file_mode = 0o666 & ~_current_umask()
 
@@ -68,6 +75,23 @@ class CacheStore:
         os.makedirs(self.spool_dir.path, exist_ok=True)
         probe = tempfile.TemporaryFile(dir=self.spool_dir.path)
         probe.close()
+
+    def in_disk_thread(self, function, *args) -> Deferred:
+        """
+        Run ``function(*args)`` in a disk thread; the result comes back in
+        the reactor thread.
+        """
+        if self._disk_threads is None:
+            self._disk_threads = ThreadPool(0, DISK_THREADS, name="pkgcache-disk")
+            self._disk_threads.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self.close)
+        return deferToThreadPool(self._reactor, self._disk_threads, function, *args)
+
+    def close(self) -> None:
+        """Stop the disk threads (once the work given them is done)."""
+        pool, self._disk_threads = self._disk_threads, None
+        if pool is not None:
+            pool.stop()
 
     def path_for(self, key: CacheKey) -> FilePath:
         """
@@ -133,7 +157,7 @@ class CacheStore:
         )
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.fchmod(fd, self._file_mode)
-        return Spool(name, fd, self.path_for(key), self._reactor)
+        return Spool(name, fd, self.path_for(key), self.in_disk_thread)
 
     def sweep_stale_spools(self) -> int:
         """
@@ -184,27 +208,34 @@ class Spool:
     name.
     """
 
-    def __init__(self, name: str, fd: int, target: FilePath, reactor) -> None:
+    def __init__(self, name: str, fd: int, target: FilePath, in_disk_thread) -> None:
         self.name = name
         self.target = target
         self._write_fd: Optional[int] = fd
         self._read_fd: Optional[int] = os.open(name, os.O_RDONLY)
-        self._reactor = reactor
-        self.size = 0
+        self._in_disk_thread = in_disk_thread
 
-    def write(self, data: bytes) -> None:
+    def write_all(self, chunks: list[bytes]) -> int:
         """
-        Append ``data``.
+        Append ``chunks``.  Blocks: call it in a disk thread, one call at a
+        time.
 
+        :return: how many bytes were written (all of them).
         :raises OSError: on a write error (``ENOSPC``, ``EIO``...); the
             spool is then unusable and should be discarded.
         """
         assert self._write_fd is not None, "spool already closed for writing"
-        view = memoryview(data)
-        while view:
-            written = os.write(self._write_fd, view)
-            view = view[written:]
-            self.size += written
+        total = 0
+        for start in range(0, len(chunks), _IOV_MAX):
+            views = [memoryview(chunk) for chunk in chunks[start : start + _IOV_MAX]]
+            while views:
+                written = os.writev(self._write_fd, views)
+                total += written
+                while views and written >= len(views[0]):
+                    written -= len(views.pop(0))
+                if views and written:
+                    views[0] = views[0][written:]
+        return total
 
     def read(self, offset: int, length: int) -> bytes:
         """
@@ -242,9 +273,7 @@ class Spool:
                 # Closing the last write descriptor releases the flock.
                 os.close(fd)
 
-        return deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), publish_in_thread
-        )
+        return self._in_disk_thread(publish_in_thread)
 
     def discard(self) -> None:
         """
@@ -264,6 +293,10 @@ class Spool:
         if self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
+
+
+#: How many buffers one ``writev`` may take (``IOV_MAX`` is 1024 on Linux).
+_IOV_MAX = 512
 
 
 def _current_umask() -> int:

@@ -162,6 +162,7 @@ async def test_download_through_twist_then_hit_with_source_gone(origin, twist, h
     response, body = await fetch(http, server.url + "/distfiles/foo-1.0.tar.gz")
     assert (response.code, sha256(body)) == (200, sha256(data))
     assert origin.count("/distfiles/foo-1.0.tar.gz") == 1
+    await wait_for(lambda: " hit 200 " in server.log.read_text())
     log = server.log.read_text()
     assert "GET /distfiles/foo-1.0.tar.gz miss 200 2000000 bytes" in log
     assert "GET /distfiles/foo-1.0.tar.gz hit 200 2000000 bytes" in log
