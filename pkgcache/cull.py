@@ -462,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="SIZE",
         help="when the cache is larger than SIZE (such as 50G, 500M or 1.5T; "
         "units are powers of 1024), remove the least recently used files "
-        "until it is at 90%% of SIZE",
+        f"until it is at {TARGET_PERCENT}%% of SIZE",
     )
     parser.add_argument(
         "--max-age",
@@ -495,10 +495,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
 
     progress_line = _ProgressLine(sys.stderr)
+    # The progress line is on stderr: only removal lines printed on the
+    # same terminal need it erased first.
+    listing_on_terminal = sys.stdout.isatty()
     verb = "would remove" if args.dry_run else "removed"
 
     def show_removal(entry: CacheEntry, error: Optional[OSError]) -> None:
-        progress_line.clear()
+        if listing_on_terminal or error is not None:
+            progress_line.clear()
         if error is None:
             print(f"{verb} {entry.path} ({format_size(entry.size)})")
         else:
