@@ -7,6 +7,13 @@ Embed :class:`PackageCacheResource` in any ``twisted.web`` site, or run
 
 __version__ = "0.3.0"
 
-from pkgcache.resource import PackageCacheResource  # noqa: E402
-
 __all__ = ["PackageCacheResource", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that pkgcache-cull does not load the server.
+    if name == "PackageCacheResource":
+        from pkgcache.resource import PackageCacheResource
+
+        return PackageCacheResource
+    raise AttributeError(f"module 'pkgcache' has no attribute {name!r}")

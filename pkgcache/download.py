@@ -399,6 +399,7 @@ class Download:
             log.error("could not publish {path}: {error}", path=str(self.key), error=error)
         else:
             log.info("cached {path} ({length} bytes)", path=str(self.key), length=self.received)
+            self._store.published(self.received)
 
     def _fail(self, reason: BaseException) -> None:
         self.failure = reason

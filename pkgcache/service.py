@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.web.server import Site
 
+from pkgcache.cache_limit import CacheLimit
 from pkgcache.resource import PackageCacheResource
 
 
@@ -30,7 +31,7 @@ class QuietSite(Site):
 class PackageCacheService(MultiService):
     """
     Serves ``resource`` on every endpoint in ``listen``, and its metrics on
-    ``metrics_listen``.
+    ``metrics_listen``; keeps its cache under ``max_cache_size`` bytes.
 
     Stopping it stops listening, then gives up the downloads in progress
     (their clients are cut off; nothing partial is published) and closes
@@ -43,9 +44,12 @@ class PackageCacheService(MultiService):
         listen: Sequence[str],
         reactor,
         metrics_listen: Optional[str] = None,
+        max_cache_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.resource = resource
+        self.cache_limit = CacheLimit(resource.store, max_cache_size, resource.metrics, reactor)
+        self.cache_limit.setServiceParent(self)
         self.site = QuietSite(resource)
         for description in listen:
             self._listen(description, self.site, reactor)

@@ -26,7 +26,7 @@ import fcntl
 import os
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -63,6 +63,8 @@ class CacheStore:
         self.spool_dir = cache_dir.child(SPOOL_DIR_NAME)
         self._reactor = reactor
         self._disk_threads: Optional[ThreadPool] = None
+        #: Called with the size of each file published (for the cache limit).
+        self.on_published: list[Callable[[int], None]] = []
         # mkstemp makes 0600 files; published files get the usual mode.
         self._file_mode = 0o666 & ~_current_umask()
 
@@ -92,6 +94,11 @@ class CacheStore:
         pool, self._disk_threads = self._disk_threads, None
         if pool is not None:
             pool.stop()
+
+    def published(self, size: int) -> None:
+        """A file of ``size`` bytes was just published."""
+        for observer in list(self.on_published):
+            observer(size)
 
     def path_for(self, key: CacheKey) -> FilePath:
         """
@@ -263,8 +270,16 @@ class Spool:
                 if mtime is not None:
                     os.utime(fd, (time.time(), mtime))
                 parent = os.path.dirname(target)
-                os.makedirs(parent, exist_ok=True)
-                os.replace(name, target)
+                for attempt in range(2):
+                    os.makedirs(parent, exist_ok=True)
+                    try:
+                        os.replace(name, target)
+                        break
+                    except FileNotFoundError:
+                        # A cull may have removed the directory, just
+                        # emptied, in between: make it again, once.
+                        if attempt:
+                            raise
                 _fsync_directory(parent)
             except BaseException:
                 _unlink_quietly(name)

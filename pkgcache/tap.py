@@ -11,6 +11,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from pkgcache.accesslog import AccessLog
+from pkgcache.cull import parse_size
 from pkgcache.resource import PackageCacheResource
 from pkgcache.service import PackageCacheService
 from pkgcache.store import CacheStore
@@ -55,6 +56,10 @@ class Options(usage.Options):
         ["metrics-listen", None, None,
          "Endpoint to serve Prometheus metrics on, at /metrics (e.g. "
          "tcp:9400:interface=127.0.0.1). [default: no metrics endpoint]"],
+        ["max-cache-size", None, None,
+         "Keep the cache under this size (e.g. 50G, 500M; K, M, G, T are "
+         "powers of 1024): past it, the least recently used files are "
+         "removed until it is 90% full. [default: no limit]"],
         ["access-log", None, None,
          "File to append an access log to, in the combined log format with "
          "the cache outcome appended; - for standard output."],
@@ -95,6 +100,13 @@ class Options(usage.Options):
             _check_endpoint("--listen", description)
         if self["metrics-listen"] is not None:
             _check_endpoint("--metrics-listen", self["metrics-listen"])
+        if self["max-cache-size"] is not None:
+            try:
+                self["max-cache-size"] = parse_size(self["max-cache-size"])
+            except ValueError as error:
+                raise usage.UsageError(f"--max-cache-size: {error}") from None
+            if not self["max-cache-size"]:
+                raise usage.UsageError("--max-cache-size: must be more than 0")
         if self["access-log"] not in (None, "-"):
             try:
                 open(self["access-log"], "ab").close()
@@ -144,5 +156,9 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         access_log=access_log,
     )
     return PackageCacheService(
-        resource, config["listen"], reactor, metrics_listen=config["metrics-listen"]
+        resource,
+        config["listen"],
+        reactor,
+        metrics_listen=config["metrics-listen"],
+        max_cache_size=config["max-cache-size"],
     )

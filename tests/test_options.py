@@ -65,6 +65,8 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--cache-dir", "/proc/pkgcache"], "cannot use /proc/pkgcache"),
         (["--source", "http://a/", "--metrics-listen", "tcp:x"], "--metrics-listen 'tcp:x'"),
         (["--source", "http://a/", "--access-log", "/proc/x.log"], "--access-log: cannot write"),
+        (["--source", "http://a/", "--max-cache-size", "lots"], "--max-cache-size: invalid size 'lots'"),
+        (["--source", "http://a/", "--max-cache-size", "0"], "--max-cache-size: must be more than 0"),
     ],
 )
 def test_bad_options_are_usage_errors(args, message, tmp_path, monkeypatch):
@@ -89,10 +91,19 @@ def test_make_service_listens_on_every_endpoint(tmp_path):
         "--listen", "unix:" + str(tmp_path / "sock"),
     )
     service = makeService(options)
-    listeners = list(service)
+    listeners = [child for child in service if child is not service.cache_limit]
     assert len(listeners) == 2
     assert all(isinstance(listener, StreamServerEndpointService) for listener in listeners)
     assert isinstance(service.resource, PackageCacheResource)
     assert service.site.resource is service.resource
     assert [str(s) for s in service.resource.upstream.sources] == ["http://a.example/"]
     assert os.path.isdir(tmp_path / "cache")
+
+
+def test_max_cache_size_is_parsed_and_wired(tmp_path):
+    options = parse(
+        "--source", "http://a/", "--cache-dir", str(tmp_path), "--max-cache-size", "1.5G"
+    )
+    assert options["max-cache-size"] == 1536 * 1024 * 1024
+    assert makeService(options).cache_limit.max_size == 1536 * 1024 * 1024
+    assert parse("--source", "http://a/", "--cache-dir", str(tmp_path))["max-cache-size"] is None
