@@ -48,13 +48,15 @@ class PackageCacheService(MultiService):
     ) -> None:
         super().__init__()
         self.resource = resource
-        self.cache_limit = CacheLimit(resource.store, max_cache_size, resource.metrics, reactor)
-        self.cache_limit.setServiceParent(self)
         self.site = QuietSite(resource)
         for description in listen:
             self._listen(description, self.site, reactor)
         if metrics_listen is not None:
             self._listen(metrics_listen, QuietSite(resource.metrics.resource()), reactor)
+        # Started after the listeners: if one cannot bind, no walk of the
+        # cache has begun in a thread that would keep the process alive.
+        self.cache_limit = CacheLimit(resource.store, max_cache_size, resource.metrics, reactor)
+        self.cache_limit.setServiceParent(self)
 
     def _listen(self, description: str, site: Site, reactor) -> None:
         # strports.service, unlike a bare StreamServerEndpointService,
