@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -35,11 +35,23 @@ class DownloadReader:
     download tool then reports an error (curl: exit 18, partial file)
     instead of taking a short body for a whole file.
 
+    A client that takes nothing for ``stall_timeout`` seconds is dropped:
+    Twisted suspends a connection's idle timeout while a request is being
+    answered, so a client that stops reading would otherwise hold its
+    connection and a descriptor of the spool for ever.
+
     :ivar offset: the next byte to send.
     """
 
     def __init__(
-        self, download: Download, request: Request, start: int = 0, end: Optional[int] = None
+        self,
+        download: Download,
+        request: Request,
+        start: int = 0,
+        end: Optional[int] = None,
+        *,
+        clock: IReactorTime,
+        stall_timeout: float,
     ) -> None:
         self._download = download
         self._request = request
@@ -48,6 +60,9 @@ class DownloadReader:
         self._paused = False
         self._pumping = False
         self._done = False
+        self._clock = clock
+        self._stall_timeout = stall_timeout
+        self._stalled: Optional[IDelayedCall] = None
 
     def begin(self) -> None:
         """Start streaming; the request's headers must be set already."""
@@ -65,9 +80,12 @@ class DownloadReader:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self._stalled is None:
+            self._stalled = self._clock.callLater(self._stall_timeout, self._drop_stalled)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._stop_stall_timer()
         self._pump()
 
     def stopProducing(self) -> None:
@@ -116,17 +134,35 @@ class DownloadReader:
 
     def _finish(self) -> None:
         self._done = True
+        self._stop_stall_timer()
         self._request.unregisterProducer()
         self._request.finish()
         self._download.detach(self)
 
     def _abort(self) -> None:
         self._done = True
+        self._stop_stall_timer()
         self._request.unregisterProducer()
         self._request.transport.loseConnection()
         self._download.detach(self)
 
+    def _drop_stalled(self) -> None:
+        self._stalled = None
+        log.info(
+            "dropping a client of {path} that took nothing for {seconds:g}s",
+            path=str(self._download.key), seconds=self._stall_timeout,
+        )
+        # Not loseConnection: that would wait for the client to read what
+        # is buffered, which it will not.
+        self._request.transport.abortConnection()
+
+    def _stop_stall_timer(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
     def _client_gone(self) -> None:
+        self._stop_stall_timer()
         if not self._done:
             self._done = True
             self._download.detach(self)

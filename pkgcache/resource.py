@@ -70,6 +70,8 @@ class PackageCacheResource(Resource):
     :param metrics: where to count requests (default: the upstream
         client's).
     :param access_log: where to write one combined-format line per request.
+    :param client_stall_timeout: drop a client of a download that has taken
+        no data for this many seconds.
     """
 
     isLeaf = True
@@ -85,6 +87,7 @@ class PackageCacheResource(Resource):
         idle_timeout: float = 30.0,
         metrics: Optional[Metrics] = None,
         access_log: Optional[AccessLog] = None,
+        client_stall_timeout: float = 300.0,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -93,6 +96,7 @@ class PackageCacheResource(Resource):
             raise ValueError("a cache directory is needed")
         self._reactor = reactor
         self._access_log = access_log
+        self._client_stall_timeout = client_stall_timeout
         if upstream is None:
             upstream = UpstreamClient(
                 [s if isinstance(s, Source) else Source(s) for s in sources],
@@ -160,7 +164,10 @@ class PackageCacheResource(Resource):
         if request.code == http.REQUESTED_RANGE_NOT_SATISFIABLE:
             request.finish()
             return
-        DownloadReader(download, request, start, end).begin()
+        DownloadReader(
+            download, request, start, end,
+            clock=self._reactor, stall_timeout=self._client_stall_timeout,
+        ).begin()
 
     async def _head_miss(self, request: Request, key: CacheKey, outcome: Outcome) -> None:
         """

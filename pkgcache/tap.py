@@ -137,6 +137,11 @@ def _check_endpoint(option: str, description: str) -> None:
 
     try:
         endpoints.serverFromString(reactor, description)
+    except KeyError as error:
+        # The systemd endpoint's way of saying it was given no such socket.
+        raise usage.UsageError(
+            f"{option} {description!r}: systemd passed no socket named {error.args[0]!r}"
+        ) from None
     except Exception as error:
         raise usage.UsageError(f"{option} {description!r}: {error}") from None
 

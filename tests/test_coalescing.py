@@ -188,3 +188,25 @@ async def test_head_on_a_miss_for_a_missing_file_is_404(origin, make_proxy):
     answer = await raw_request(proxy.url, b"HEAD /nothing HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.0 404 ")
     assert answer.endswith(b"\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_is_dropped(origin, make_proxy, http):
+    data = os.urandom(24 * 1024 * 1024)  # more than loopback buffers hold
+    origin.add(PATH, data, chunk_size=256 * 1024)
+    proxy = make_proxy([origin.url], client_stall_timeout=0.5)
+    _, stuck = await start_reading(http, proxy.url + PATH)
+    await stuck.first_byte
+    download = in_flight(proxy)
+    stuck.transport.pauseProducing()  # and never resumes
+    await wait_for(lambda: not download.readers)
+    await proxy.published(PATH)
+    # Only a client that reads can notice that its connection was dropped.
+    stuck.transport.resumeProducing()
+    try:
+        await stuck.done
+    except Exception:
+        pass
+    else:
+        raise AssertionError("the stuck client got the whole file")
+    assert stuck.received < len(data)
