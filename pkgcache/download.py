@@ -46,10 +46,9 @@ if TYPE_CHECKING:
 #: when that is back under the low mark.
 MEMORY_HIGH_WATER = 8 * 1024 * 1024
 MEMORY_LOW_WATER = 2 * 1024 * 1024
-#: A body that breaks off is resumed from another source; a source that
-#: breaks off again before sending a byte counts against this limit, so a
-#: file that no source can deliver fails instead of looping.
-MAX_RESUMES_WITHOUT_PROGRESS = 3
+#: A body that breaks off is resumed from another source, this many times
+#: at most, so that a file no source delivers whole fails instead of looping.
+MAX_RESUMES = 10
 
 log = Logger()
 
@@ -247,27 +246,33 @@ class Download:
         for waiter in self._headers_waiters:
             waiter.callback(response)
         self._headers_waiters.clear()
-        resumes_without_progress = 0
+        resumes = 0
         while True:
             self._current = response
-            started_at = self.received
             try:
                 await response.stream(self._received_chunk)
+                self._check_length()
             except BodyFailed as broken:
                 self._upstream.report_body_failure(response.source, self.key, str(broken))
-                if self.received > started_at:
-                    resumes_without_progress = 0
-                else:
-                    resumes_without_progress += 1
-                if resumes_without_progress >= MAX_RESUMES_WITHOUT_PROGRESS:
+                resumes += 1
+                if resumes > MAX_RESUMES:
                     raise
                 response = await self._resume_after(response, broken)
             else:
+                self._upstream.report_body_complete(response.source)
                 break
             finally:
                 self._current = None
         self.complete = True
         self._notify_readers()
+
+    def _check_length(self) -> None:
+        """
+        :raises BodyFailed: if a body ended without the whole file (a
+            resumed chunked body can stop short and still end cleanly).
+        """
+        if self.length is not None and self.received != self.length:
+            raise BodyFailed(f"the body ended at byte {self.received} of {self.length}")
 
     async def _resume_after(
         self, broken_response: UpstreamResponse, broken: BodyFailed
@@ -278,7 +283,7 @@ class Download:
         :raises BodyFailed: if the length is unknown (a resumed body could
             not be checked) or no source can resume.
         """
-        if self.length is None:
+        if self.length is None or self.received >= self.length:
             raise broken
         log.info(
             "resuming {path} at byte {offset} of {length}",
@@ -404,6 +409,7 @@ class Download:
     def _fail(self, reason: BaseException) -> None:
         self.failure = reason
         self._caching = False
+        self._retire()
         if not isinstance(reason, (AllSourcesFailed, CancelledError)):
             log.error("download of {path} failed: {reason}", path=str(self.key), reason=reason)
         for waiter in self._headers_waiters:
@@ -440,6 +446,9 @@ class Downloads:
         self._store = store
         self._upstream = upstream
         self._by_key: dict[CacheKey, Download] = {}
+        # Includes downloads no client can join any more (spool lost, or
+        # failed and winding down): they still run until they end.
+        self._running: set[Download] = set()
 
     def join_or_start(self, key: CacheKey) -> tuple[Download, bool]:
         """
@@ -450,17 +459,20 @@ class Downloads:
             return download, True
         download = Download(key, self._store, self._upstream, self._retired)
         self._by_key[key] = download
+        self._running.add(download)
+        download.finished.addBoth(lambda _: self._running.discard(download))
         download.start()
         return download, False
 
     def in_flight(self, key: CacheKey) -> Optional[Download]:
+        """The download of ``key`` that a new client would join, if any."""
         return self._by_key.get(key)
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._running)
 
     def cancel_all(self) -> None:
-        for download in list(self._by_key.values()):
+        for download in list(self._running):
             download.cancel()
 
     def _retired(self, download: Download) -> None:

@@ -30,10 +30,12 @@ class DownloadReader:
     there is more to read.  So a slow client only falls behind in the spool
     file, never in memory, and never slows the download or anyone else.
 
-    If the download fails, the client's connection is closed without
-    finishing the response (no last chunk, fewer bytes than announced): its
-    download tool then reports an error (curl: exit 18, partial file)
-    instead of taking a short body for a whole file.
+    If the download fails, the response is never finished: the connection
+    is closed after fewer bytes than ``Content-Length`` announced, or with
+    no last chunk, so that the client's download tool reports an error
+    (curl: exit 18, partial file) instead of taking a short body for a
+    whole file; where neither would show (HTTP/1.0 without a length), the
+    connection is reset.
 
     A client that takes nothing for ``stall_timeout`` seconds is dropped:
     Twisted suspends a connection's idle timeout while a request is being
@@ -141,9 +143,16 @@ class DownloadReader:
 
     def _abort(self) -> None:
         self._done = True
-        self._stop_stall_timer()
         self._request.unregisterProducer()
-        self._request.transport.loseConnection()
+        request = self._request
+        if request.responseHeaders.hasHeader(b"content-length") or request.chunked:
+            # The client can tell this close from a complete response.  The
+            # stall timer still drops it if it never reads what is buffered.
+            request.transport.loseConnection()
+            if self._stalled is None:
+                self._stalled = self._clock.callLater(self._stall_timeout, self._drop_stalled)
+        else:
+            request.transport.abortConnection()
         self._download.detach(self)
 
     def _drop_stalled(self) -> None:

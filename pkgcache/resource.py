@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -157,6 +157,10 @@ class PackageCacheResource(Resource):
         except AllSourcesFailed as failed:
             _source_failure(request, failed, outcome)
             return
+        except CancelledError:
+            outcome.kind = "error"
+            _error(request, http.SERVICE_UNAVAILABLE, "shutting down", finish=True)
+            return
         outcome.source = str(response.source)
         if client_gone:
             return
@@ -174,6 +178,7 @@ class PackageCacheResource(Resource):
         Answer HEAD from the download in progress, or from a HEAD to the
         sources: either way, nothing is cached.
         """
+        client_gone = _watch_disconnect(request)
         download = self.downloads.in_flight(key)
         outcome.kind = "miss"
         if download is not None and download.response is not None:
@@ -185,12 +190,16 @@ class PackageCacheResource(Resource):
                 _source_failure(request, failed, outcome)
                 return
         outcome.source = str(response.source)
+        if client_gone:
+            return
         _set_entity_headers(request, response, response.total_length)
         request.finish()
 
     def _unexpected(self, failure: Failure, request: Request, outcome: Outcome) -> None:
         log.failure("error answering {path}", failure, path=request.path)
         outcome.kind = "error"
+        if request.producer is not None:
+            request.unregisterProducer()
         if not request.startedWriting:
             _error(request, http.INTERNAL_SERVER_ERROR, "internal error", finish=True)
         else:
@@ -268,7 +277,9 @@ def _parse_single_range(header: Optional[bytes], length: Optional[int]):
     for no header, for several ranges, for anything unparsable, or when the
     length is unknown (a server may always ignore ``Range``).
     """
-    if header is None or length is None:
+    if header is None or not length:
+        # No header; or an unknown length, or an empty file, which no range
+        # can be part of: send it all (a server may always ignore Range).
         return None
     match = _SINGLE_RANGE.match(header)
     if match is None:

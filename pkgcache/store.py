@@ -162,9 +162,14 @@ class CacheStore:
         fd, name = tempfile.mkstemp(
             prefix="", suffix="." + key.segments[-1][:64], dir=self.spool_dir.path
         )
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.fchmod(fd, self._file_mode)
-        return Spool(name, fd, self.path_for(key), self.in_disk_thread)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(fd, self._file_mode)
+            return Spool(name, fd, self.path_for(key), self.in_disk_thread)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(name)
+            raise
 
     def sweep_stale_spools(self) -> int:
         """

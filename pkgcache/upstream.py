@@ -179,7 +179,7 @@ class SourceHealth:
         """
         failures = self._failures.get(source, 0) + 1
         self._failures[source] = failures
-        backoff = min(self._initial * 2 ** (failures - 1), self._max)
+        backoff = min(self._initial * 2 ** min(failures - 1, 32), self._max)
         self._down_until[source] = self._clock.seconds() + backoff
         return backoff
 
@@ -282,8 +282,10 @@ class _BodyReceiver(Protocol):
             self._idle.touch()
         self._on_chunk(data)
 
-    def connectionLost(self, reason: Failure = ResponseDone) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         self._idle.stop()
+        if self.done.called:
+            return  # the wait was cancelled, which is what closed us
         if self._idle.expired:
             failure = BodyFailed(f"stalled: nothing received for {self._idle.timeout:g}s")
         elif not reason.check(ResponseDone):
@@ -385,10 +387,6 @@ class UpstreamResponse:
         if self._receiver is not None:
             self._receiver.resume()
 
-    def abort(self) -> None:
-        """Drop the connection; :meth:`stream`'s Deferred fails."""
-        if self._receiver is not None:
-            self._receiver.abort()
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
@@ -494,9 +492,16 @@ class UpstreamClient:
                 attempts.append(attempt)
                 self._record_failure(attempt, key)
                 continue
-            self.health.record_success(source)
+            if method == b"HEAD":
+                # A GET's source has proved itself only once its body is in:
+                # see report_body_complete.
+                self.health.record_success(source)
             return response
         raise AllSourcesFailed(attempts)
+
+    def report_body_complete(self, source: Source) -> None:
+        """A whole body came from ``source``: forget its past failures."""
+        self.health.record_success(source)
 
     def report_body_failure(self, source: Source, key: CacheKey, reason: str) -> None:
         """
@@ -550,8 +555,10 @@ class UpstreamClient:
                 failed = _SourceFailed(
                     FailureKind.TIMEOUT, f"no answer within {self.idle_timeout:g}s"
                 )
-            elif isinstance(exc, CancelledError):
-                raise
+            elif _cancelled(exc):
+                # Not the timer: our caller gave up (shutdown). Not the
+                # source's fault, and no reason to try the next one.
+                raise CancelledError() from None
             else:
                 failed = _classify_request_error(exc)
             self.metrics.upstream_answered(
@@ -574,6 +581,17 @@ class _SourceFailed(Exception):
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """
+    Whether a request failed because its Deferred was cancelled: Twisted's
+    client reports that as ``ResponseNeverReceived([CancelledError])``.
+    """
+    if isinstance(exc, CancelledError):
+        return True
+    reasons = getattr(exc, "reasons", None) or []
+    return any(reason.check(CancelledError) for reason in reasons)
 
 
 def _classify_request_error(exc: BaseException) -> _SourceFailed:
@@ -604,6 +622,12 @@ def _check_response(
         return None
     if code != http.PARTIAL_CONTENT:
         return _SourceFailed(FailureKind.UNUSABLE, f"HTTP {code} to a range request")
+    if response.body_length is not None and response.body_length != total_length - offset:
+        return _SourceFailed(
+            FailureKind.UNUSABLE,
+            f"a {response.body_length}-byte answer to a request for the last "
+            f"{total_length - offset} bytes",
+        )
     expected = b"bytes %d-%d/%d" % (offset, total_length - 1, total_length)
     content_range = response.headers.getRawHeaders(b"content-range", [b""])[0]
     if content_range != expected:

@@ -34,6 +34,9 @@ class OriginFile:
     :ivar hang: accept the request and never answer it.
     :ivar content_length: announce the length (else the body is chunked).
     :ivar headers: extra response headers.
+    :ivar delay: seconds to wait before answering.
+    :ivar short_ranges: answer a range request with a ``Content-Range`` to
+        the end of the file but only this many bytes (a lying mirror).
     """
 
     data: bytes = b""
@@ -46,6 +49,8 @@ class OriginFile:
     hang: bool = False
     content_length: bool = True
     headers: Optional[dict] = None
+    delay: float = 0.0
+    short_ranges: Optional[int] = None
 
 
 class Origin(Resource):
@@ -78,14 +83,26 @@ class Origin(Resource):
         if spec is None:
             request.setResponseCode(http.NOT_FOUND)
             return b"not here\n"
+        self._track(request)
         if spec.hang:
-            self._track(request)
             return NOT_DONE_YET
+        if spec.delay:
+            timer = reactor.callLater(spec.delay, self._answer, request, spec, range_header)
+            self._timers.add(timer)
+        else:
+            self._answer(request, spec, range_header)
+        return NOT_DONE_YET
+
+    def _answer(self, request: Request, spec: OriginFile, range_header: Optional[bytes]):
+        if request.channel is None:
+            return
         for name, value in (spec.headers or {}).items():
             request.setHeader(name, value)
         if spec.status != http.OK:
             request.setResponseCode(spec.status)
-            return b"origin says %d\n" % (spec.status,)
+            request.write(b"origin says %d\n" % (spec.status,))
+            request.finish()
+            return
         start, end = 0, len(spec.data)
         match = _RANGE.match(range_header or b"")
         if spec.ranges and match:
@@ -96,15 +113,16 @@ class Origin(Resource):
             request.setHeader(
                 b"content-range", b"bytes %d-%d/%d" % (start, end - 1, len(spec.data))
             )
+            if spec.short_ranges is not None:
+                end = start + spec.short_ranges
         if spec.ranges:
             request.setHeader(b"accept-ranges", b"bytes")
         if spec.content_length:
             request.setHeader(b"content-length", b"%d" % (end - start,))
         if request.method == b"HEAD":
-            return b""
-        self._track(request)
+            request.finish()
+            return
         self._send(request, spec, start, start, end)
-        return NOT_DONE_YET
 
     def _track(self, request: Request) -> None:
         self._open.add(request)

@@ -6,20 +6,23 @@ full; two processes sharing one cache directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
+import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.web.client import ResponseFailed
 
 from pkgcache.download import MEMORY_HIGH_WATER
 from pkgcache.reader import CHUNK_SIZE
+from pkgcache.store import Spool
 from tests.clients import sha256, start_reading
-from tests.conftest import fetch, sleep, wait_for
+from tests.conftest import fetch, raw_request, sleep, wait_for
 from tests.test_coalescing import KEY, PATH, in_flight
 
 DATA = os.urandom(1_000_000)
@@ -147,3 +150,118 @@ async def test_two_processes_on_one_cache_dir(origin, make_proxy, http, tmp_path
     assert first.cached(PATH).getContent() == DATA
     assert first.spools() == []
     assert origin.count(PATH) == 2
+
+
+@pytest.mark.parametrize("content_length", [True, False], ids=["short-length", "short-chunked"])
+@pytest_twisted.ensureDeferred
+async def test_a_resume_that_stops_short_is_never_published(
+    origins, make_proxy, http, content_length
+):
+    dropping, lying = origins(), origins()
+    dropping.add(PATH, DATA, close_at=300_000, ranges=False)
+    # Claims "bytes 300000-999999/1000000", sends 100 bytes.
+    lying.add(PATH, DATA, short_ranges=100, content_length=content_length)
+    proxy = make_proxy([dropping.url, lying.url])
+    _, reader = await start_reading(http, proxy.url + PATH)
+    with pytest.raises(ResponseFailed):
+        await reader.done
+    assert reader.received < len(DATA)
+    await wait_for(lambda: in_flight(proxy) is None and proxy.spools() == [])
+    assert not proxy.cached(PATH).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_mid_download_cuts_clients_and_publishes_nothing(origin, make_proxy, http):
+    origin.add(PATH, DATA, rate=500_000)
+    proxy = make_proxy([origin.url])
+    _, reader = await start_reading(http, proxy.url + PATH)
+    await reader.first_byte
+    await proxy.resource.close()
+    with pytest.raises(ResponseFailed):
+        await reader.done
+    await wait_for(lambda: proxy.spools() == [])
+    assert not proxy.cached(PATH).exists()
+    # Giving up was our doing: the source is not held against.
+    assert not proxy.resource.upstream.health.is_down(proxy.resource.upstream.sources[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_while_waiting_for_headers(origins, make_proxy, http):
+    silent, good = origins(), origins()
+    silent.add(PATH, hang=True)
+    good.add(PATH, DATA)
+    proxy = make_proxy([silent.url, good.url])
+    answer = Deferred.fromCoroutine(fetch(http, proxy.url + PATH))
+    await wait_for(lambda: silent.count(PATH) == 1)
+    await proxy.resource.close()
+    response, body = await answer
+    assert (response.code, body) == (503, b"shutting down\n")
+    assert good.count(PATH) == 0
+    assert not proxy.resource.upstream.health.is_down(proxy.resource.upstream.sources[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_arriving_as_a_download_fails_starts_afresh(
+    origin, make_proxy, http, monkeypatch
+):
+    # A slow disk: a failed download takes a while to wind down.
+    original = Spool.write_all
+
+    def slow_write_all(self, chunks):
+        time.sleep(0.05)
+        return original(self, chunks)
+
+    monkeypatch.setattr(Spool, "write_all", slow_write_all)
+    origin.add(PATH, DATA, close_at=300_000, ranges=False)
+    proxy = make_proxy([origin.url])
+    _, first = await start_reading(http, proxy.url + PATH)
+    await wait_for(lambda: in_flight(proxy) is None or in_flight(proxy).failure is not None)
+    origin.add(PATH, DATA)
+    response, body = await fetch(http, proxy.url + PATH)
+    assert (response.code, body) == (200, DATA)
+    with pytest.raises(ResponseFailed):
+        await first.done
+    assert await proxy.published(PATH) == DATA
+
+
+@pytest_twisted.ensureDeferred
+async def test_http10_client_without_length_sees_an_error(origin, make_proxy):
+    origin.add(PATH, DATA, close_at=300_000, content_length=False, ranges=False)
+    proxy = make_proxy([origin.url])
+    _, err, code = await getProcessOutputAndValue(
+        "curl", ["-sS", "--http1.0", "-o", "/dev/null", "--max-time", "20", proxy.url + PATH]
+    )
+    assert code != 0, "an HTTP/1.0 client took a cut body for a whole file"
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_miss_client_leaving_early_is_quiet(origin, make_proxy):
+    origin.add(PATH, DATA, delay=0.3)
+    proxy = make_proxy([origin.url])
+    answer = await raw_request(proxy.url, b"HEAD %s HTTP/1.0\r\n\r\n" % PATH.encode(), timeout=0.05)
+    assert answer == b""
+    await wait_for(lambda: origin.count(PATH, b"HEAD") == 1)
+    await sleep(0.4)  # the source answers after the client left: no error
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_write_error_keeps_streaming(origin, make_proxy, http, monkeypatch):
+    """The same as on a full tmpfs, where none can be mounted: EIO mid-spool."""
+    original = Spool.write_all
+    written = []
+
+    def failing_write_all(self, chunks):
+        if sum(written) > 200_000:
+            raise OSError(errno.EIO, "Input/output error")
+        written.append(original(self, chunks))
+        return written[-1]
+
+    monkeypatch.setattr(Spool, "write_all", failing_write_all)
+    origin.add(PATH, DATA, rate=2_000_000)
+    proxy = make_proxy([origin.url])
+    readers = [await start_reading(http, proxy.url + PATH) for _ in range(2)]
+    for _, reader in readers:
+        assert sha256(await reader.done) == sha256(DATA)
+    await wait_for(lambda: in_flight(proxy) is None)
+    assert not proxy.cached(PATH).exists()
+    assert proxy.spools() == []

@@ -444,3 +444,12 @@ async def test_hits_record_their_access_time_at_most_hourly(origin, make_proxy, 
     before = os.stat(path).st_ctime_ns
     await fetch(http, proxy.url + PATH)
     assert os.stat(path).st_ctime_ns == before, "atime was set again within the hour"
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_file_with_a_range_on_a_miss(origin, make_proxy, http):
+    origin.add("/empty", b"")
+    proxy = make_proxy([origin.url])
+    response, body = await fetch(http, proxy.url + "/empty", headers={b"range": [b"bytes=-5"]})
+    assert (response.code, body) == (200, b"")
+    assert await proxy.published("/empty") == b""

@@ -160,3 +160,30 @@ async def test_when_every_source_is_down_they_are_tried_anyway(origin, make_prox
     origin.add("/a", DATA)  # the mirror recovers within its back-off
     response, body = await fetch(http, proxy.url + "/a")
     assert (response.code, body) == (200, DATA)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_source_that_always_cuts_its_bodies_backs_off_further(origins, make_proxy, http):
+    cutting, good = origins(), origins()
+    for name in ("a", "b"):
+        cutting.add(f"/{name}", DATA, close_at=1000, ranges=False)
+        good.add(f"/{name}", DATA)
+    clock = Clock()
+    upstream = _client([cutting.url, good.url], clock)
+    proxy = make_proxy([], upstream=upstream)
+    assert (await fetch(http, proxy.url + "/a"))[1] == DATA  # resumed from good
+    clock.advance(10)
+    assert (await fetch(http, proxy.url + "/b"))[1] == DATA
+    assert cutting.count("/b") == 1  # probed again after 10 s, and cut again...
+    clock.advance(15)
+    # ...so it is now skipped for 20 s, not 10: its headers were fine, but
+    # only a whole body counts as a success.
+    assert upstream.health.is_down(upstream.sources[0])
+
+
+def test_backoff_survives_very_many_failures():
+    health = SourceHealth(Clock(), initial_backoff=10, max_backoff=600)
+    source = Source("http://m.example/")
+    for _ in range(5000):
+        backoff = health.record_failure(source)
+    assert backoff == 600
