@@ -75,3 +75,65 @@ async def start_reading(http, url: str, rate: Optional[float] = None, headers=No
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class SmallBufferClient:
+    """
+    A GET over a plain non-blocking socket with a small receive buffer, read
+    only when the test says: so the server really feels a slow or stalled
+    client (the kernel's default loopback buffers can swallow tens of
+    megabytes, hiding any reader's pace from the server).
+    """
+
+    def __init__(self, url: str, receive_buffer: int = 64 * 1024) -> None:
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self._socket.connect((parts.hostname, parts.port))
+        self._socket.setblocking(False)
+        self._socket.sendall(
+            b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % parts.path.encode()
+        )
+        self._data = bytearray()
+        self.closed = False
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self._data.split(b"\r\n\r\n", 1)[1]) if b"\r\n\r\n" in self._data else b""
+
+    def read(self, limit: int) -> int:
+        """Take at most ``limit`` bytes that have arrived; how many came."""
+        taken = 0
+        while taken < limit and not self.closed:
+            try:
+                chunk = self._socket.recv(min(65536, limit - taken))
+            except BlockingIOError:
+                break
+            except ConnectionResetError:
+                self.closed = True
+                break
+            if not chunk:
+                self.closed = True
+            self._data += chunk
+            taken += len(chunk)
+        return taken
+
+    async def read_at(self, rate: float, until) -> None:
+        """Read at ``rate`` bytes per second until ``until()`` holds."""
+        from tests.conftest import sleep
+
+        while not until() and not self.closed:
+            self.read(int(rate / 100))
+            await sleep(0.01)
+
+    async def read_to_end(self, timeout: float = 30.0) -> bytes:
+        from tests.conftest import wait_for
+
+        await wait_for(lambda: self.read(1 << 30) >= 0 and self.closed, timeout)
+        return self.body
+
+    def close(self) -> None:
+        self._socket.close()

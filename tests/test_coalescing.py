@@ -11,11 +11,11 @@ import shutil
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.utils import getProcessOutputAndValue
 
 from pkgcache.paths import cache_key_from_postpath
-from tests.clients import sha256, start_reading
+from tests.clients import SmallBufferClient, sha256, start_reading
 from tests.conftest import fetch, raw_request, sleep, wait_for
 from tests.origin import refused_url
 
@@ -59,19 +59,25 @@ async def test_client_joining_half_way_gets_everything_without_waiting(origin, m
 
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_holds_back_neither_download_nor_fast_reader(origin, make_proxy, http):
-    # Larger than what loopback socket buffers absorb, so the slow reader
-    # really is behind.
     data = os.urandom(24 * 1024 * 1024)
     origin.add(PATH, data, chunk_size=256 * 1024)
     proxy = make_proxy([origin.url])
-    _, slow = await start_reading(http, proxy.url + PATH, rate=1_000_000)
-    _, fast = await start_reading(http, proxy.url + PATH)
-
-    assert sha256(await fast.done) == sha256(data)
-    assert await proxy.published(PATH) == data
-    assert slow.received < len(data) // 2, "the download waited for the slow reader"
-    slow.full_speed()
-    assert sha256(await slow.done) == sha256(data)
+    slow = SmallBufferClient(proxy.url + PATH)
+    try:
+        await slow.read_at(1_000_000, until=lambda: in_flight(proxy) is not None)
+        _, fast = await start_reading(http, proxy.url + PATH)
+        reading_slowly = Deferred.fromCoroutine(
+            slow.read_at(1_000_000, until=lambda: fast.done.called)
+        )
+        assert sha256(await fast.done) == sha256(data)
+        await reading_slowly
+        assert await proxy.published(PATH) == data
+        # The slow reader is far behind (it has about a second's worth):
+        # neither the download nor the fast reader waited for it.
+        assert len(slow.body) < len(data) // 3
+        assert sha256(await slow.read_to_end()) == sha256(data)
+    finally:
+        slow.close()
     assert origin.count(PATH) == 1
 
 
@@ -192,21 +198,17 @@ async def test_head_on_a_miss_for_a_missing_file_is_404(origin, make_proxy):
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_stops_reading_is_dropped(origin, make_proxy, http):
-    data = os.urandom(24 * 1024 * 1024)  # more than loopback buffers hold
+    data = os.urandom(24 * 1024 * 1024)
     origin.add(PATH, data, chunk_size=256 * 1024)
     proxy = make_proxy([origin.url], client_stall_timeout=0.5)
-    _, stuck = await start_reading(http, proxy.url + PATH)
-    await stuck.first_byte
-    download = in_flight(proxy)
-    stuck.transport.pauseProducing()  # and never resumes
-    await wait_for(lambda: not download.readers)
-    await proxy.published(PATH)
-    # Only a client that reads can notice that its connection was dropped.
-    stuck.transport.resumeProducing()
+    stuck = SmallBufferClient(proxy.url + PATH)
     try:
-        await stuck.done
-    except Exception:
-        pass
-    else:
-        raise AssertionError("the stuck client got the whole file")
-    assert stuck.received < len(data)
+        await wait_for(lambda: stuck.read(1) > 0 or in_flight(proxy) is not None)
+        download = in_flight(proxy)
+        # ...and it reads nothing more.
+        await wait_for(lambda: not download.readers)
+        assert await proxy.published(PATH) == data
+        body = await stuck.read_to_end()
+    finally:
+        stuck.close()
+    assert len(body) < len(data)

@@ -104,8 +104,8 @@ async def test_full_disk_keeps_streaming_to_attached_clients(
     origin, make_proxy, http, tiny_filesystem
 ):
     data = os.urandom(12 * 1024 * 1024)
-    # 1 MiB fills in 50 ms at this rate: time for both clients to join.
-    origin.add(PATH, data, chunk_size=256 * 1024, rate=20_000_000)
+    # 1 MiB fills in 125 ms at this rate: time for both clients to join.
+    origin.add(PATH, data, chunk_size=256 * 1024, rate=8_000_000)
     origin.add("/small", b"small file")
     proxy = make_proxy([origin.url], cache_dir=tiny_filesystem.child("cache"))
     _, slow = await start_reading(http, proxy.url + PATH, rate=4_000_000)

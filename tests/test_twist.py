@@ -230,3 +230,23 @@ async def test_unix_and_ssl_endpoints(origin, twist, http, tmp_path):
         assert code == 0, err
         assert output == data
     assert origin.count("/pool/x.deb") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_share_one_cache_dir(origin, twist, http, tmp_path):
+    data = os.urandom(3_000_000)
+    origin.add("/shared.tar", data, rate=3_000_000)
+    cache = tmp_path / "cache"
+    first = twist("--source", origin.url, "--cache-dir", str(cache))
+    await first.ready(http)
+    _, early = await start_reading(http, first.url + "/shared.tar")
+    await early.first_byte
+    # The second one starts (sweeping stale spools) while the first downloads.
+    second = twist("--source", origin.url, "--cache-dir", str(cache))
+    await second.ready(http)
+    _, late = await start_reading(http, second.url + "/shared.tar")
+    assert sha256(await early.done) == sha256(data)
+    assert sha256(await late.done) == sha256(data)
+    await wait_for(lambda: list((cache / ".pkgcache-spool").iterdir()) == [])
+    assert sha256((cache / "shared.tar").read_bytes()) == sha256(data)
+    assert origin.count("/shared.tar") == 2
