@@ -127,7 +127,8 @@ def test_bad_command_lines_exit_non_zero_with_a_message(tmp_path, args, message)
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_a_port_in_use_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("option", ["--listen", "--metrics-listen"])
+def test_a_port_in_use_is_one_clear_line(tmp_path, option):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -135,7 +136,8 @@ def test_a_port_in_use_is_one_clear_line(tmp_path):
         result = subprocess.run(
             [str(TWIST), "pkgcache", "--source", "http://127.0.0.1:1/",
              "--cache-dir", str(tmp_path / "cache"),
-             "--listen", f"tcp:{port}:interface=127.0.0.1"],
+             "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+             option, f"tcp:{port}:interface=127.0.0.1"],
             cwd=tmp_path, capture_output=True, text=True, timeout=60,
         )
     assert result.returncode != 0
