@@ -941,13 +941,18 @@ def table(rows: list[Row]) -> str:
         if row.section != section:
             section = row.section
             lines.append(f"\n## {section}\n")
-            lines.append("| measurement | value | ratio | target |")
-            lines.append("| --- | ---: | ---: | --- |")
+            lines.append("| measurement | value | range | ratio | target |")
+            lines.append("| --- | ---: | ---: | ---: | --- |")
         ratio = f"{row.ratio:.2f}x {row.ratio_to}" if row.ratio is not None else ""
         target = row.target
         if row.met is not None:
             target += " — **met**" if row.met else " — **missed**"
-        lines.append(f"| {row.subject} | {format_value(row.value, row.unit)} | {ratio} | {target} |")
+        spread = ""
+        numbers = [sample for sample in row.samples if isinstance(sample, (int, float))]
+        if len(numbers) > 1 and row.unit == "s":
+            spread = f"{min(numbers):.3f}–{max(numbers):.3f}"
+        lines.append(f"| {row.subject} | {format_value(row.value, row.unit)} | {spread} "
+                     f"| {ratio} | {target} |")
     return "\n".join(lines)
 
 

@@ -50,7 +50,9 @@ async def test_publishing_past_the_limit_culls_least_recently_used(
         put(cache, "old/d.tar", 300_000, atime=1_500)  # put there behind our back
         origin.add("/newest.tar", b"n" * 100_000)
         await fetch(http, proxy.url + "/newest.tar")
+        await wait_for(lambda: limit.files == 4)
         # 800,000 + 100,000 is within the limit: nothing culled yet...
+        assert limit.size_bytes == 900_000
         assert (cache / "old" / "d.tar").exists()
         # ...until the hourly walk finds the real size, 1,200,000, and
         # culls the least recently used file of all, d.

@@ -54,7 +54,8 @@ async def test_resume_after_a_stall(origins, make_proxy, http):
 @pytest_twisted.ensureDeferred
 async def test_every_client_cut_off_when_no_source_can_resume(origins, make_proxy, http):
     dropping, no_ranges, other_file = origins(), origins(), origins()
-    dropping.add(PATH, DATA, close_at=300_000)
+    # Slow enough that all three clients join before it breaks off.
+    dropping.add(PATH, DATA, close_at=300_000, rate=1_000_000)
     no_ranges.add(PATH, DATA, ranges=False)
     other_file.add(PATH, DATA + b"longer")  # ranges, but not the same file
     proxy = make_proxy([dropping.url, no_ranges.url, other_file.url])

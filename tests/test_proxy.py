@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed, readBody
 from twisted.web.http import datetimeToString
 
+from pkgcache.paths import CacheKey
 from tests.conftest import fetch, raw_request, sleep, wait_for
 from tests.origin import refused_url
 
@@ -315,9 +316,11 @@ async def test_name_below_a_cached_file_is_not_cached(origin, make_proxy, http):
     origin.add("/a/b", b"child")
     proxy = make_proxy([origin.url])
     await fetch(http, proxy.url + "/a")
+    assert await proxy.published("/a") == FILE
     response, body = await fetch(http, proxy.url + "/a/b")
     assert (response.code, body) == (200, b"child")
-    assert await proxy.published("/a") == FILE
+    await wait_for(lambda: proxy.resource.downloads.in_flight(CacheKey(("a", "b"))) is None)
+    assert proxy.cached("/a").getContent() == FILE
 
 
 @pytest_twisted.ensureDeferred
