@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.filepath import FilePath

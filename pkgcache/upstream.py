@@ -17,7 +17,7 @@ a cache must store exactly the bytes the mirror stores.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 from hyperlink import DecodedURL

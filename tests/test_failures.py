@@ -23,7 +23,7 @@ from pkgcache.reader import CHUNK_SIZE
 from pkgcache.store import Spool
 from tests.clients import sha256, start_reading
 from tests.conftest import fetch, raw_request, sleep, wait_for
-from tests.test_coalescing import KEY, PATH, in_flight
+from tests.test_coalescing import PATH, in_flight
 
 DATA = os.urandom(1_000_000)
 
