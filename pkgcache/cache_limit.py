@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pkgcache.cull import CullReport, cull, format_size
+from pkgcache.cull import CullReport, cull
+from pkgcache.sizes import format_size
 from pkgcache.metrics import Metrics
 from pkgcache.store import CacheStore
 

@@ -9,7 +9,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from pkgcache.accesslog import AccessLog
-from pkgcache.cull import parse_size
+from pkgcache.sizes import parse_size
 from pkgcache.resource import PackageCacheResource
 from pkgcache.service import PackageCacheService
 from pkgcache.store import CacheStore

@@ -22,12 +22,11 @@ from pkgcache.cull import (
     CullReport,
     _ProgressLine,
     cull,
-    format_size,
     main,
-    parse_size,
     plan_cull,
     scan_cache,
 )
+from pkgcache.sizes import format_size, parse_size
 from pkgcache.store import SPOOL_DIR_NAME
 
 DAY = 86400
