@@ -16,6 +16,8 @@ from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
 from twisted.web.server import Request
 
+from pkgcache.outcomes import Outcome
+
 log = Logger()
 
 
@@ -62,7 +64,7 @@ class AccessLog:
             return cls(sys.stdout.buffer, clock)
         return cls(open(path, "ab", buffering=0), clock)
 
-    def record(self, request: Request, outcome: str, dropped: bool) -> None:
+    def record(self, request: Request, outcome: Outcome, dropped: bool) -> None:
         address = request.getClientAddress()
         host = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"
         request_line = b"%s %s %s" % (request.method, request.uri, request.clientproto)
@@ -74,7 +76,7 @@ class AccessLog:
             request.sentLength or "-",
             _quoted(request.getHeader(b"referer")),
             _quoted(request.getHeader(b"user-agent")),
-            outcome,
+            outcome.value,
             " dropped" if dropped else "",
         )
         try:

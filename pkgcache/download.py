@@ -1,48 +1,49 @@
 """
 One download of one file, shared by every client that asks for it meanwhile.
 
-A :class:`Download` fetches the file from the sources once, keeps each chunk
-in memory until a worker thread has appended it to a spool file, and
-publishes the spool into the cache when the body is complete.  Clients never
-receive chunks pushed at them: each one pulls from the download with its own
-:class:`~pkgcache.reader.DownloadReader`, at its own pace, from wherever it
-joined: bytes already on disk from the spool, the newest ones from memory.
-So a slow client holds back nobody (the source is read as fast as it sends
-and the disk takes it), a late joiner gets the bytes already spooled and
-then the new ones, and memory holds no body, whatever the file's size or
-the clients' speeds: if the disk falls more than a few megabytes behind the
-source, the source is paused.
+A :class:`Download` fetches the file from the sources once, hands each chunk
+to its :class:`~pkgcache.spool.SpoolWriter` (which writes it in a disk
+thread) and keeps it in memory until it is on disk.  Clients are never
+pushed chunks: each one is a follower (:class:`IFollower`) that the download
+tells when there is more, and that pulls bytes with :meth:`Download.read`
+at its own pace, from wherever it is: from the spool what is on disk, the
+newest bytes from memory.  So a slow client holds back nobody, a late
+joiner gets what is spooled and then what comes, and memory holds no body,
+whatever the file's size or the clients' speeds: if the disk falls more
+than a few megabytes behind the source, the source is paused.
 
 Two things can go wrong after the headers:
 
 - The body breaks off.  If the file's length is known, the download resumes
-  from the next source with ``Range: bytes=N-``; failing that, every client's
-  connection is cut (so no client takes a short file for a whole one) and
-  the spool is deleted.
+  from the next source with ``Range: bytes=N-``; failing that, it fails,
+  and its followers cut their clients off (so no client takes a short file
+  for a whole one) and nothing is published.
 - The spool cannot be written (disk full, I/O error).  The download stops
-  caching, deletes the spool and carries on for the clients already
-  attached, keeping what they have not yet read in memory: within a bound,
-  since the source is paused while the slowest of them catches up.  New
-  clients start a download of their own.
+  caching and carries on for the followers already attached, keeping what
+  they have not read yet in memory (within a bound: the source is paused
+  while the slowest catches up).  New clients start a download of their own.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from typing import TYPE_CHECKING, Callable, Optional
+import enum
+from typing import Callable, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from pkgcache.chunks import ChunkBuffer
+from pkgcache.interfaces import IByteSource, IFollower
+from pkgcache.metadata import EntryMetadata
 from pkgcache.paths import CacheKey
-from pkgcache.store import CacheStore, Spool
-from pkgcache.upstream import AllSourcesFailed, BodyFailed, UpstreamClient, UpstreamResponse
-
-if TYPE_CHECKING:
-    from pkgcache.reader import DownloadReader
+from pkgcache.spool import SpoolWriter
+from pkgcache.sources import AllSourcesFailed
+from pkgcache.store import CacheStore, StoreClosed
+from pkgcache.upstream import BodyFailed, BodyTooLarge, UpstreamClient, UpstreamResponse
 
 #: The source is paused when this much of its body waits in memory (for the
-#: disk or, once the spool is lost, for the slowest client), and resumed
+#: disk or, once the spool is lost, for the slowest follower), and resumed
 #: when that is back under the low mark.
 MEMORY_HIGH_WATER = 8 * 1024 * 1024
 MEMORY_LOW_WATER = 2 * 1024 * 1024
@@ -53,70 +54,35 @@ MAX_RESUMES = 10
 log = Logger()
 
 
-class ChunkBuffer:
-    """
-    The bytes of a file from some offset up to what has been received, as
-    the chunks they arrived in (so that nothing is copied to append, trim or
-    hand to a writer).
-    """
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._chunks: list[bytes] = []
-        self.start = 0
-        self.end = 0
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def append(self, data: bytes) -> None:
-        self._starts.append(self.end)
-        self._chunks.append(data)
-        self.end += len(data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Up to ``length`` bytes from ``offset`` (within one chunk)."""
-        assert self.start <= offset <= self.end, "read outside the buffer"
-        if offset == self.end:
-            return b""
-        index = bisect_right(self._starts, offset) - 1
-        within = offset - self._starts[index]
-        return self._chunks[index][within : within + length]
-
-    def chunks_from(self, offset: int) -> list[bytes]:
-        """Everything from ``offset`` on."""
-        if offset >= self.end:
-            return []
-        index = bisect_right(self._starts, offset) - 1
-        within = offset - self._starts[index]
-        return [self._chunks[index][within:], *self._chunks[index + 1 :]]
-
-    def drop_before(self, offset: int) -> None:
-        """Forget the chunks that end at or before ``offset``."""
-        if offset >= self.end:
-            self._starts.clear()
-            self._chunks.clear()
-            self.start = self.end
-            return
-        first_kept = bisect_right(self._starts, offset) - 1
-        if first_kept > 0:
-            del self._starts[:first_kept]
-            del self._chunks[:first_kept]
-            self.start = self._starts[0]
+class DownloadState(enum.Enum):
+    #: waiting for a source to answer (or for a free download slot)
+    ASKING = "asking"
+    #: the body is arriving and being spooled; new clients may join
+    RECEIVING = "receiving"
+    #: the body is arriving but cannot be cached: only followers already
+    #: attached get it, new clients start a download of their own
+    UNCACHED = "uncached"
+    #: every byte arrived (and was published, if it could be)
+    COMPLETE = "complete"
+    #: no source provided it, it broke off, or it was cancelled
+    FAILED = "failed"
 
 
+@implementer(IByteSource)
 class Download:
     """
     A fetch of ``key`` in progress.
 
-    :ivar response: the first source's response, once it has answered: its
-        headers are what every client of this download is sent.
+    :ivar state: where it stands (:class:`DownloadState`).
+    :ivar response: the first source's response, once it answered: its
+        headers are what every follower's client is sent.
     :ivar length: the file's length, if the source said.
+    :ivar last_modified: when the file was last modified: the source's
+        ``Last-Modified``, or the time its answer came.  Hits of the
+        published file say the same (it is the file's mtime).
     :ivar received: how many bytes of the file have arrived so far.
-    :ivar complete: the whole body arrived and checked out.
-    :ivar failure: why the download failed, once it has.
-    :ivar accepting_readers: new clients may join (false once the spool is
-        lost: the bytes they would need are no longer anywhere).
+    :ivar failure: why it failed, once it has.
+    :ivar finished: fires once it is over and its spool published or gone.
     """
 
     def __init__(
@@ -124,44 +90,44 @@ class Download:
         key: CacheKey,
         store: CacheStore,
         upstream: UpstreamClient,
+        slots: DeferredSemaphore,
         on_retired: Callable[["Download"], None],
     ) -> None:
         self.key = key
         self._store = store
         self._upstream = upstream
-        self._on_retired = on_retired
+        self._slots = slots
+        self._on_retired: Optional[Callable[["Download"], None]] = on_retired
+        self.state = DownloadState.ASKING
         self.response: Optional[UpstreamResponse] = None
         self._current: Optional[UpstreamResponse] = None
         self.length: Optional[int] = None
+        self.last_modified = 0.0
         self.received = 0
-        self.complete = False
         self.failure: Optional[BaseException] = None
-        self.accepting_readers = True
-        self.readers: set[DownloadReader] = set()
-        self._spool: Optional[Spool] = None
-        self._caching = False
-        self._on_disk = 0
-        self._writing = False
+        self.followers: set = set()
+        self._spool: Optional[SpoolWriter] = None
         self._buffer = ChunkBuffer()
         self._paused_for_memory = False
         self._headers_waiters: list[Deferred[UpstreamResponse]] = []
-        self._settled_waiters: list[Deferred[None]] = []
         self._fetching: Optional[Deferred[None]] = None
-        #: Fires once the download has ended and its spool is published or gone.
         self.finished: Deferred[None] = Deferred()
 
     def start(self) -> None:
-        Deferred.fromCoroutine(self._run())
+        Deferred.fromCoroutine(self._run()).addErrback(
+            lambda failure: log.failure("download of {path} broke", failure, path=str(self.key))
+        )
 
     def cancel(self) -> None:
-        """Give up (on shutdown): clients are cut off, nothing is published."""
+        """Give up (on shutdown): followers are cut off, nothing is published."""
         if self._fetching is not None:
             self._fetching.cancel()
 
     def when_headers_known(self) -> "Deferred[UpstreamResponse]":
         """
         Fires with the source's response once there is one; fails with
-        :class:`AllSourcesFailed` if no source provided the file.
+        :class:`~pkgcache.sources.AllSourcesFailed` if no source provided
+        the file, or with ``CancelledError`` on shutdown.
         """
         waiter: Deferred[UpstreamResponse] = Deferred()
         if self.response is not None:
@@ -173,85 +139,107 @@ class Download:
         return waiter
 
     @property
-    def buffered_bytes(self) -> int:
-        """Bytes of the body held in memory, for the disk or for readers."""
-        return len(self._buffer)
+    def complete(self) -> bool:
+        """Every byte has arrived."""
+        return self.state is DownloadState.COMPLETE
 
     @property
-    def ended(self) -> bool:
-        return self.complete or self.failure is not None
+    def buffered_bytes(self) -> int:
+        """Bytes of the body held in memory, for the disk or for followers."""
+        return len(self._buffer)
 
-    # -- what readers use --------------------------------------------------
+    # -- what followers use ---------------------------------------------------
 
-    def attach(self, reader: "DownloadReader") -> None:
-        self.readers.add(reader)
+    def attach(self, follower: IFollower) -> None:
+        self.followers.add(follower)
 
-    def detach(self, reader: "DownloadReader") -> None:
-        self.readers.discard(reader)
-        self.reader_advanced()
-        if not self.readers and not self._caching and not self.ended:
-            # Nobody is left to stream to and nothing is being cached.
+    def detach(self, follower: IFollower) -> None:
+        self.followers.discard(follower)
+        self.follower_advanced()
+        if not self.followers and self.state is DownloadState.UNCACHED:
             log.info("all clients of {path} left and it cannot be cached: stopping",
                      path=str(self.key))
             self.cancel()
-        self._close_spool_if_unused()
+        self._release_if_unused()
 
     def read(self, offset: int, length: int) -> bytes:
         """
         Up to ``length`` bytes of the file from ``offset``, of those received
         so far (``b""`` if none yet).
         """
-        if offset < self._on_disk:
-            assert self._spool is not None
-            return self._spool.read(offset, min(length, self._on_disk - offset))
+        if self._spool is not None and offset < self._spool.written:
+            return self._spool.read(offset, length)
         return self._buffer.read(offset, length)
 
-    def reader_advanced(self) -> None:
-        """A reader consumed data: memory no reader needs may go."""
+    def follower_advanced(self) -> None:
+        """A follower read on: memory nobody needs may go."""
         self._trim_buffer()
 
-    # -- the fetch ----------------------------------------------------------
+    # -- the fetch ------------------------------------------------------------
 
     async def _run(self) -> None:
-        self._fetching = Deferred.fromCoroutine(self._fetch())
         try:
+            # Only the fetch can be cancelled: a publication once begun ends.
+            self._fetching = Deferred.fromCoroutine(self._fetch())
             await self._fetching
-            await self._writes_settled()
         except CancelledError:
-            failure: Optional[BaseException] = CancelledError("download cancelled")
+            self._fail(CancelledError("download cancelled"))
         except (AllSourcesFailed, BodyFailed) as failed:
-            failure = failed
+            self._fail(failed)
         except Exception as error:
             log.failure("download of {path} failed unexpectedly", path=str(self.key))
-            failure = error
+            self._fail(error)
         else:
-            failure = None
-        self._fetching = None
-        if failure is None:
             await self._publish()
-        else:
-            self._fail(failure)
-            await self._writes_settled()
+        finally:
+            self._fetching = None
             if self._spool is not None:
-                self._spool.discard()
-        self._retire()
-        self.finished.callback(None)
-        self._close_spool_if_unused()
+                await self._spool.discard()
+            self._retire()
+            self.finished.callback(None)
+            self._release_if_unused()
 
     async def _fetch(self) -> None:
-        response = await self._upstream.fetch(self.key)
+        """Fetch and spool the whole body, holding one of the download slots."""
+        await self._slots.acquire()
+        try:
+            response = await self._upstream.fetch(self.key)
+            self._headers_known(response)
+            self._spool = self._open_spool()
+            await self._receive(response)
+        finally:
+            self._slots.release()
+        self.state = DownloadState.COMPLETE
+        self._notify_followers()
+
+    def _headers_known(self, response: UpstreamResponse) -> None:
         self.response = response
         self.length = response.total_length
-        self._open_spool()
-        for waiter in self._headers_waiters:
+        last_modified = response.last_modified
+        self.last_modified = (
+            last_modified if last_modified is not None else self._upstream.clock.seconds()
+        )
+        self.state = DownloadState.RECEIVING
+        waiters, self._headers_waiters = self._headers_waiters, []
+        for waiter in waiters:
             waiter.callback(response)
-        self._headers_waiters.clear()
+
+    async def _receive(self, response: UpstreamResponse) -> None:
+        """
+        The whole body, from ``response`` and whichever sources resume it.
+
+        :raises BodyFailed: if no source delivers the rest.
+        """
         resumes = 0
         while True:
             self._current = response
             try:
                 await response.stream(self._received_chunk)
-                self._check_length()
+                if self.length is not None and self.received != self.length:
+                    # A resumed chunked body can stop short and end cleanly.
+                    raise BodyFailed(f"the body ended at byte {self.received} of {self.length}")
+            except BodyTooLarge:
+                raise
             except BodyFailed as broken:
                 self._upstream.report_body_failure(response.source, self.key, str(broken))
                 resumes += 1
@@ -260,19 +248,9 @@ class Download:
                 response = await self._resume_after(response, broken)
             else:
                 self._upstream.report_body_complete(response.source)
-                break
+                return
             finally:
                 self._current = None
-        self.complete = True
-        self._notify_readers()
-
-    def _check_length(self) -> None:
-        """
-        :raises BodyFailed: if a body ended without the whole file (a
-            resumed chunked body can stop short and still end cleanly).
-        """
-        if self.length is not None and self.received != self.length:
-            raise BodyFailed(f"the body ended at byte {self.received} of {self.length}")
 
     async def _resume_after(
         self, broken_response: UpstreamResponse, broken: BodyFailed
@@ -299,84 +277,50 @@ class Download:
         except AllSourcesFailed as failed:
             raise BodyFailed(f"{broken}; no source could resume: {failed}") from None
 
-    def _open_spool(self) -> None:
+    def _open_spool(self) -> Optional[SpoolWriter]:
         try:
-            self._spool = self._store.open_spool(self.key)
+            spool = self._store.new_spool(self.key)
         except OSError as error:
             log.error(
                 "cannot spool {path}, streaming it uncached: {error}",
                 path=str(self.key), error=error,
             )
             self._stop_caching()
-        else:
-            self._caching = True
+            return None
+        spool.on_written = self._spool_progressed
+        return spool
 
     def _received_chunk(self, data: bytes) -> None:
         self._buffer.append(data)
         self.received += len(data)
-        self._notify_readers()
-        self._write_pending()
+        if self._spool is not None:
+            self._spool.append(data)
+        self._notify_followers()
         if len(self._buffer) > MEMORY_HIGH_WATER and not self._paused_for_memory:
             if self._current is not None:
                 self._paused_for_memory = True
                 self._current.pause()
 
-    # -- the spool ------------------------------------------------------------
-
-    def _write_pending(self) -> None:
-        """
-        Hand what the disk has not got yet to the disk thread, unless a
-        write is under way (its completion calls us again).
-        """
-        if self._writing or not self._caching:
-            return
-        chunks = self._buffer.chunks_from(self._on_disk)
-        if not chunks:
-            return
-        self._writing = True
-        assert self._spool is not None
-        written = self._store.in_disk_thread(self._spool.write_all, chunks)
-        written.addCallbacks(self._written, self._write_failed)
-
-    def _written(self, count: int) -> None:
-        self._writing = False
-        self._on_disk += count
+    def _spool_progressed(self) -> None:
+        if self._spool is not None and self._spool.failure is not None:
+            log.error("no longer caching {path}: its spool cannot be written",
+                      path=str(self.key))
+            self._stop_caching()
         self._trim_buffer()
-        self._write_pending()
-        self._check_settled()
-
-    def _write_failed(self, failure) -> None:
-        self._writing = False
-        log.error(
-            "writing the spool of {path} failed, no longer caching it: {error}",
-            path=str(self.key), error=failure.getErrorMessage(),
-        )
-        self._stop_caching()
-        self._check_settled()
-
-    def _writes_settled(self) -> "Deferred[None]":
-        """Fires once every byte received is on disk, or caching stopped."""
-        waiter: Deferred[None] = Deferred()
-        self._settled_waiters.append(waiter)
-        self._check_settled()
-        return waiter
-
-    def _check_settled(self) -> None:
-        if self._writing or (self._caching and self._on_disk < self.received):
-            return
-        waiters, self._settled_waiters = self._settled_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
 
     def _trim_buffer(self) -> None:
         """
         Drop from memory what is on disk (while caching) or what every
-        reader has read (once not), and resume a source paused for memory.
+        follower has read (once not), and resume a source paused for memory.
         """
-        if self._caching:
-            needed_from = self._on_disk
+        spool = self._spool
+        on_disk = spool.written if spool is not None else 0
+        if spool is not None and spool.failure is None:
+            needed_from = on_disk
         else:
-            needed_from = min((reader.offset for reader in self.readers), default=self.received)
+            needed_from = max(on_disk, min(
+                (follower.needed_from for follower in self.followers), default=self.received
+            ))
         self._buffer.drop_before(needed_from)
         if self._paused_for_memory and len(self._buffer) <= MEMORY_LOW_WATER:
             self._paused_for_memory = False
@@ -385,22 +329,25 @@ class Download:
 
     def _stop_caching(self) -> None:
         """
-        Carry on without a spool: keep unread bytes in memory, delete the
-        spool's name (what was written stays readable for attached readers)
-        and let new clients start afresh.
+        Carry on without a spool: keep unread bytes in memory and let new
+        clients start afresh.  The spool's name is removed when the download
+        ends; what is on disk stays readable for followers until then.
         """
-        self._caching = False
-        if self._spool is not None:
-            self._spool.discard()
+        if self.state is DownloadState.RECEIVING:
+            self.state = DownloadState.UNCACHED
         self._retire()
+        self._trim_buffer()
 
     async def _publish(self) -> None:
-        if not self._caching:
+        spool = self._spool
+        if spool is None or spool.failure is not None or self.response is None:
             return
-        assert self._spool is not None and self.response is not None
+        metadata = EntryMetadata(content_type=self.response.content_type)
         try:
-            await self._spool.publish(self.response.last_modified_timestamp)
-        except Exception as error:
+            await spool.commit(self.last_modified, metadata)
+        except StoreClosed:
+            log.info("not caching {path}: shutting down", path=str(self.key))
+        except OSError as error:
             log.error("could not publish {path}: {error}", path=str(self.key), error=error)
         else:
             log.info("cached {path} ({length} bytes)", path=str(self.key), length=self.received)
@@ -408,28 +355,27 @@ class Download:
 
     def _fail(self, reason: BaseException) -> None:
         self.failure = reason
-        self._caching = False
+        self.state = DownloadState.FAILED
         self._retire()
         if not isinstance(reason, (AllSourcesFailed, CancelledError)):
             log.error("download of {path} failed: {reason}", path=str(self.key), reason=reason)
-        for waiter in self._headers_waiters:
+        waiters, self._headers_waiters = self._headers_waiters, []
+        for waiter in waiters:
             waiter.errback(reason)
-        self._headers_waiters.clear()
-        self._notify_readers()
+        self._notify_followers()
 
-    def _notify_readers(self) -> None:
-        for reader in list(self.readers):
-            reader.data_available()
+    def _notify_followers(self) -> None:
+        for follower in list(self.followers):
+            follower.data_available()
 
     def _retire(self) -> None:
         """Stop being the download that new clients of this path join."""
-        self.accepting_readers = False
         on_retired, self._on_retired = self._on_retired, None
         if on_retired is not None:
             on_retired(self)
 
-    def _close_spool_if_unused(self) -> None:
-        if self.finished.called and not self.readers:
+    def _release_if_unused(self) -> None:
+        if self.finished.called and not self.followers:
             if self._spool is not None:
                 self._spool.close()
                 self._spool = None
@@ -440,11 +386,17 @@ class Downloads:
     """
     The downloads in progress, one per path: a client asking for a path
     that is being downloaded joins that download.
+
+    :param max_downloads: how many may fetch from the sources at once;
+        more wait for a slot, in the order they came (``None``: no limit).
     """
 
-    def __init__(self, store: CacheStore, upstream: UpstreamClient) -> None:
+    def __init__(
+        self, store: CacheStore, upstream: UpstreamClient, max_downloads: Optional[int] = None
+    ) -> None:
         self._store = store
         self._upstream = upstream
+        self._slots = DeferredSemaphore(max_downloads if max_downloads else 2**31)
         self._by_key: dict[CacheKey, Download] = {}
         # Includes downloads no client can join any more (spool lost, or
         # failed and winding down): they still run until they end.
@@ -455,9 +407,9 @@ class Downloads:
         :return: the download of ``key``, and whether it was already running.
         """
         download = self._by_key.get(key)
-        if download is not None and download.accepting_readers:
+        if download is not None:
             return download, True
-        download = Download(key, self._store, self._upstream, self._retired)
+        download = Download(key, self._store, self._upstream, self._slots, self._retired)
         self._by_key[key] = download
         self._running.add(download)
         download.finished.addBoth(lambda _: self._running.discard(download))
@@ -470,6 +422,11 @@ class Downloads:
 
     def __len__(self) -> int:
         return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Downloads waiting for a slot."""
+        return len(self._slots.waiting)
 
     def cancel_all(self) -> None:
         for download in list(self._running):

@@ -11,10 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-
-#: Where the body of a request with each outcome came from (error pages
-#: are neither).
-_BODY_ORIGIN = {"hit": "cache", "miss": "source", "coalesced": "source"}
+from pkgcache.outcomes import Outcome
 
 
 class Metrics:
@@ -54,6 +51,11 @@ class Metrics:
             "Downloads from sources in progress.",
             registry=self.registry,
         )
+        self.waiting = Gauge(
+            "pkgcache_downloads_waiting",
+            "Downloads waiting for a slot under --max-downloads.",
+            registry=self.registry,
+        )
         self.cache_bytes = Gauge(
             "pkgcache_cache_size_bytes",
             "Bytes of published files in the cache.",
@@ -75,13 +77,14 @@ class Metrics:
             registry=self.registry,
         )
 
-    def count_in_flight(self, count: Callable[[], int]) -> None:
-        """Read the number of downloads in progress from ``count`` on scrape."""
-        self.in_flight.set_function(count)
+    def count_downloads(self, in_flight: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read the numbers of downloads in progress and waiting on scrape."""
+        self.in_flight.set_function(in_flight)
+        self.waiting.set_function(waiting)
 
-    def request_finished(self, outcome: str, body_bytes: int) -> None:
-        self.requests.labels(outcome).inc()
-        origin = _BODY_ORIGIN.get(outcome)
+    def request_finished(self, outcome: Outcome, body_bytes: int) -> None:
+        self.requests.labels(outcome.value).inc()
+        origin = outcome.body_origin
         if origin is not None and body_bytes:
             self.served_bytes.labels(origin).inc(body_bytes)
 

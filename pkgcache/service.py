@@ -1,6 +1,7 @@
 """
-The service behind ``twist pkgcache``: listeners in front of one
-:class:`~pkgcache.resource.PackageCacheResource`, and its shutdown.
+The services behind ``twist pkgcache``: :class:`CacheService` owns the
+life of one :class:`~pkgcache.resource.PackageCacheResource` (its store, its
+cache limit), and :class:`PackageCacheService` puts listeners in front.
 """
 
 from __future__ import annotations
@@ -28,14 +29,53 @@ class QuietSite(Site):
         pass
 
 
+class CacheService(MultiService):
+    """
+    Starts and stops what ``resource`` needs besides requests: at start,
+    its cache directory is made, spools a crash left are swept and the disk
+    threads start, then the cache limit (with ``max_cache_size``); at stop,
+    the cache limit stops (never waiting for a walk) and the resource is
+    closed for good.
+
+    Embedders add it to their application, or call ``startService`` and
+    ``stopService`` themselves.
+    """
+
+    def __init__(
+        self, resource: PackageCacheResource, max_cache_size: Optional[int] = None, reactor=None
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.resource = resource
+        self.cache_limit: Optional[CacheLimit] = None
+        if max_cache_size is not None:
+            self.cache_limit = CacheLimit(
+                resource.store, max_cache_size, resource.metrics, reactor
+            )
+            self.cache_limit.setServiceParent(self)
+
+    def startService(self) -> None:
+        self.resource.store.open()
+        super().startService()
+
+    def stopService(self) -> "Deferred[None]":
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.resource.close()
+
+
 class PackageCacheService(MultiService):
     """
     Serves ``resource`` on every endpoint in ``listen``, and its metrics on
-    ``metrics_listen``; keeps its cache under ``max_cache_size`` bytes.
+    ``metrics_listen``, with a :class:`CacheService` for its life.
 
-    Stopping it stops listening, then gives up the downloads in progress
-    (their clients are cut off; nothing partial is published) and closes
-    the connections to the sources.
+    The listeners start first, so that a port in use stops start-up before
+    any work has begun; stopping stops listening first, then gives up the
+    downloads in progress (their clients are cut off; nothing partial is
+    published) and closes the store and the connections to the sources.
     """
 
     def __init__(
@@ -53,10 +93,7 @@ class PackageCacheService(MultiService):
             self._listen(description, self.site, reactor)
         if metrics_listen is not None:
             self._listen(metrics_listen, QuietSite(resource.metrics.resource()), reactor)
-        # Started after the listeners: if one cannot bind, no walk of the
-        # cache has begun in a thread that would keep the process alive.
-        self.cache_limit = CacheLimit(resource.store, max_cache_size, resource.metrics, reactor)
-        self.cache_limit.setServiceParent(self)
+        self.cache = CacheService(resource, max_cache_size, reactor)
 
     def _listen(self, description: str, site: Site, reactor) -> None:
         # strports.service, unlike a bare StreamServerEndpointService,
@@ -72,10 +109,18 @@ class PackageCacheService(MultiService):
                 f"pkgcache: cannot listen on port {error.port}"
                 f"{' of ' + error.interface if error.interface else ''}: {error.socketError}"
             ) from None
+        try:
+            self.cache.startService()
+        except OSError as error:
+            raise SystemExit(
+                f"pkgcache: cannot use {self.resource.store.cache_dir.path} as the "
+                f"cache directory: {error.strerror or error}"
+            ) from None
 
     def stopService(self) -> "Deferred[None]":
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         await super().stopService()
-        await self.resource.close()
+        if self.cache.running:
+            await self.cache.stopService()

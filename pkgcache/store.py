@@ -1,5 +1,6 @@
 """
-The on-disk cache: where published files live and how a spool becomes one.
+The on-disk cache: where published files live, how a spool is made, and
+the threads that do the disk's blocking work.
 
 Layout::
 
@@ -8,52 +9,86 @@ Layout::
 
 Spools live in a directory of the cache itself, so that publication is a
 ``rename`` within one filesystem (atomic, never a silent copy), and under a
-name that :mod:`pkgcache.paths` refuses to serve.  A spool is published only
-by :meth:`Spool.publish`: ``fsync`` of the file, ``rename`` into place, then
-``fsync`` of the directory, so neither a crash nor a power cut leaves a
-partial file at a cache path.
+name that :mod:`pkgcache.paths` refuses to serve; :mod:`pkgcache.spool`
+writes and publishes them.
 
 Every live spool holds an exclusive ``flock``: the start-up sweep removes
 only spools nobody holds, so a second pkgcache process on the same cache
 directory never removes the first one's downloads, while a crashed process's
 spools (its locks died with it) are cleaned up.
+
+A :class:`CacheStore` does nothing on its own when made: :meth:`open` (the
+service calls it at start-up) makes the directories, sweeps and starts the
+disk threads, and :meth:`close` stops them for good.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
+import stat
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.filepath import FilePath, InsecurePath
+from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
+from pkgcache.metadata import EntryMetadata
 from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey
+from pkgcache.spool import SpoolWriter
 
 SPOOL_DIR_NAME = ".pkgcache-spool"
 assert SPOOL_DIR_NAME in RESERVED_TOP_LEVEL_NAMES
 
-#: Threads for blocking disk work (spool writes, fsync).  Our own pool, so
-#: that a slow disk cannot starve the reactor's, which resolves host names.
+#: Threads for blocking disk work (spool writes, fsync, culling walks).  Our
+#: own pool, so that a slow disk cannot starve the reactor's, which resolves
+#: host names.
 DISK_THREADS = 4
 
 #: A hit refreshes a file's atime only when it is older than this, so a busy
 #: file costs one ``utime`` an hour rather than one per request.
 ATIME_RESOLUTION_SECONDS = 3600
 
+#: The most bytes of the file's own name a spool's name keeps (for people
+#: looking at the spool directory); the random prefix makes it unique.
+SPOOL_NAME_BYTES = 64
+
 log = Logger()
+
+
+class StoreClosed(Exception):
+    """The store was closed: nothing more is written or published."""
+
+
+@dataclass
+class CachedFile:
+    """
+    A published file, opened: whatever happens to its name afterwards (a
+    cull, a newer copy renamed over it), this descriptor reads this file.
+    """
+
+    fd: int
+    size: int
+    mtime: float
+    metadata: EntryMetadata
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class CacheStore:
     """
-    A cache directory: look up published files, create and sweep spools,
-    and run the disk work that would block the reactor in threads.
+    A cache directory: open published files, make and sweep spools, and
+    run the disk work that would block the reactor in threads.
 
     :param reactor: runs the disk threads' results back in its thread.
     """
@@ -63,6 +98,7 @@ class CacheStore:
         self.spool_dir = cache_dir.child(SPOOL_DIR_NAME)
         self._reactor = reactor
         self._disk_threads: Optional[ThreadPool] = None
+        self.closed = False
         #: Called with the size of each file published (for the cache limit).
         self.on_published: list[Callable[[int], None]] = []
         # mkstemp makes 0600 files; published files get the usual mode.
@@ -78,22 +114,53 @@ class CacheStore:
         probe = tempfile.TemporaryFile(dir=self.spool_dir.path)
         probe.close()
 
+    def open(self) -> None:
+        """
+        Get ready to serve: make the directories, remove the spools a
+        crashed process left, start the disk threads.
+
+        :raises OSError: if the cache directory cannot be used.
+        """
+        assert not self.closed, "a closed store cannot be opened again"
+        self.create()
+        self.sweep_stale_spools()
+        self._disk_threads = ThreadPool(0, DISK_THREADS, name="pkgcache-disk")
+        self._disk_threads.start()
+
+    def close(self) -> "Deferred[None]":
+        """
+        Refuse any more disk work, and fire once the work already given to
+        the disk threads is done and they have stopped (joined in a thread
+        of their own: the reactor never waits for the disk).
+        """
+        self.closed = True
+        pool, self._disk_threads = self._disk_threads, None
+        stopped: Deferred[None] = Deferred()
+        if pool is None:
+            stopped.callback(None)
+            return stopped
+
+        def stop_pool() -> None:
+            pool.stop()
+            self._reactor.callFromThread(stopped.callback, None)
+
+        threading.Thread(target=stop_pool, name="pkgcache-disk-stop").start()
+        return stopped
+
+    @property
+    def running(self) -> bool:
+        """Opened, and not closed yet."""
+        return self._disk_threads is not None
+
     def in_disk_thread(self, function, *args) -> Deferred:
         """
         Run ``function(*args)`` in a disk thread; the result comes back in
-        the reactor thread.
+        the reactor thread.  Fails with :class:`StoreClosed` once closed,
+        and before :meth:`open`.
         """
         if self._disk_threads is None:
-            self._disk_threads = ThreadPool(0, DISK_THREADS, name="pkgcache-disk")
-            self._disk_threads.start()
-            self._reactor.addSystemEventTrigger("during", "shutdown", self.close)
+            return fail(StoreClosed("the cache is closed" if self.closed else "the cache is not open"))
         return deferToThreadPool(self._reactor, self._disk_threads, function, *args)
-
-    def close(self) -> None:
-        """Stop the disk threads (once the work given them is done)."""
-        pool, self._disk_threads = self._disk_threads, None
-        if pool is not None:
-            pool.stop()
 
     def published(self, size: int) -> None:
         """A file of ``size`` bytes was just published."""
@@ -112,63 +179,51 @@ class CacheStore:
             path = path.child(segment)
         return path
 
-    def lookup(self, key: CacheKey) -> Optional[FilePath]:
+    def open_file(self, key: CacheKey) -> Optional[CachedFile]:
         """
-        The published file for ``key``, or ``None`` on a miss.
+        The published file for ``key``, opened, or ``None`` on a miss (also
+        when a cull removes it just now: one ``open``, then ``fstat`` of the
+        same descriptor, so there is no moment where it can vanish between
+        a check and a read).
 
-        A directory, a special file or a name whose parent is a file is a
-        miss: pkgcache serves regular files only.
+        :raises IsADirectoryError: if ``key`` names a directory (never
+            served: pkgcache serves regular files only).
         """
         try:
-            path = self.path_for(key)
-        except InsecurePath:
+            fd = os.open(self.path_for(key).path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        if path.isfile():
-            return path
-        return None
-
-    def is_directory(self, key: CacheKey) -> bool:
-        """
-        Whether ``key`` names a directory of the cache (never served).
-        """
         try:
-            return self.path_for(key).isdir()
-        except InsecurePath:
-            return False
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(str(key))
+            if not stat.S_ISREG(info.st_mode):
+                os.close(fd)
+                return None
+            _record_access(fd, info)
+            return CachedFile(fd, info.st_size, info.st_mtime, EntryMetadata.read(fd))
+        except BaseException:
+            os.close(fd)
+            raise
 
-    def record_access(self, path: FilePath) -> None:
-        """
-        Set ``path``'s atime to now, at most once an hour.
-
-        Culling orders files by atime; ``noatime`` and ``relatime`` mounts
-        make the kernel's own atime useless for that, so we keep it.  Uses
-        the times :meth:`lookup` already read: a hit costs no extra ``stat``.
-        """
-        try:
-            now = time.time()
-            if now - path.getAccessTime() >= ATIME_RESOLUTION_SECONDS:
-                os.utime(path.path, (now, path.getModificationTime()))
-        except OSError:
-            # Culled or unreadable: the hit is served (or fails) regardless.
-            pass
-
-    def open_spool(self, key: CacheKey) -> "Spool":
+    def new_spool(self, key: CacheKey) -> SpoolWriter:
         """
         Create a locked spool file for a download of ``key``.
 
         :raises OSError: if the spool directory is not writable.
         """
+        # Cut by bytes, at a character boundary: a legal 255-byte name of
+        # 4-byte characters would otherwise make an illegal spool name.
+        name_part = key.segments[-1].encode("utf-8")[:SPOOL_NAME_BYTES].decode("utf-8", "ignore")
         os.makedirs(self.spool_dir.path, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            prefix="", suffix="." + key.segments[-1][:64], dir=self.spool_dir.path
-        )
+        fd, name = tempfile.mkstemp(prefix="", suffix="." + name_part, dir=self.spool_dir.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.fchmod(fd, self._file_mode)
-            return Spool(name, fd, self.path_for(key), self.in_disk_thread)
+            return SpoolWriter(name, fd, self.path_for(key).path, self.in_disk_thread)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(name)
+            os.unlink(name)
             raise
 
     def sweep_stale_spools(self) -> int:
@@ -209,133 +264,23 @@ class CacheStore:
         return removed
 
 
-class Spool:
+def _record_access(fd: int, info: os.stat_result) -> None:
     """
-    A file being downloaded: appended to, read back while it grows, and in
-    the end either published at its cache path or discarded.
+    Set the file's atime to now, at most once an hour.
 
-    Readers use :meth:`read` (``pread`` on a descriptor of our own), which
-    keeps working after the file is renamed into the cache or unlinked, so
-    clients attached to a download are served whole whatever happens to the
-    name.
+    Culling orders files by atime; ``noatime`` and ``relatime`` mounts make
+    the kernel's own atime useless for that, so we keep it.  Uses the
+    ``fstat`` the hit made already: a hit costs no extra system call.
     """
-
-    def __init__(self, name: str, fd: int, target: FilePath, in_disk_thread) -> None:
-        self.name = name
-        self.target = target
-        self._write_fd: Optional[int] = fd
-        self._read_fd: Optional[int] = os.open(name, os.O_RDONLY)
-        self._in_disk_thread = in_disk_thread
-
-    def write_all(self, chunks: list[bytes]) -> int:
-        """
-        Append ``chunks``.  Blocks: call it in a disk thread, one call at a
-        time.
-
-        :return: how many bytes were written (all of them).
-        :raises OSError: on a write error (``ENOSPC``, ``EIO``...); the
-            spool is then unusable and should be discarded.
-        """
-        assert self._write_fd is not None, "spool already closed for writing"
-        total = 0
-        for start in range(0, len(chunks), _IOV_MAX):
-            views = [memoryview(chunk) for chunk in chunks[start : start + _IOV_MAX]]
-            while views:
-                written = os.writev(self._write_fd, views)
-                total += written
-                while views and written >= len(views[0]):
-                    written -= len(views.pop(0))
-                if views and written:
-                    views[0] = views[0][written:]
-        return total
-
-    def read(self, offset: int, length: int) -> bytes:
-        """
-        Read up to ``length`` bytes written so far, from ``offset``.
-        """
-        assert self._read_fd is not None, "spool already closed"
-        return os.pread(self._read_fd, length, offset)
-
-    def publish(self, mtime: Optional[float]) -> "Deferred[None]":
-        """
-        Make the spool the cache's copy of its file: ``fsync`` the data, set
-        its mtime, ``rename`` it over the cache path, ``fsync`` the
-        directory.  Runs in a worker thread: these calls block on the disk.
-
-        Fails (and discards the spool) if the cache path cannot be made, for
-        instance because a parent name is a file.
-        """
-        fd, self._write_fd = self._write_fd, None
-        assert fd is not None, "spool already closed for writing"
-        name, target = self.name, self.target.path
-
-        def publish_in_thread() -> None:
-            try:
-                os.fsync(fd)
-                if mtime is not None:
-                    os.utime(fd, (time.time(), mtime))
-                parent = os.path.dirname(target)
-                for attempt in range(2):
-                    os.makedirs(parent, exist_ok=True)
-                    try:
-                        os.replace(name, target)
-                        break
-                    except FileNotFoundError:
-                        # A cull may have removed the directory, just
-                        # emptied, in between: make it again, once.
-                        if attempt:
-                            raise
-                _fsync_directory(parent)
-            except BaseException:
-                _unlink_quietly(name)
-                raise
-            finally:
-                # Closing the last write descriptor releases the flock.
-                os.close(fd)
-
-        return self._in_disk_thread(publish_in_thread)
-
-    def discard(self) -> None:
-        """
-        Remove the spool's name and stop writing.  Data already written stays
-        readable through :meth:`read` until :meth:`close`.
-        """
-        if self._write_fd is not None:
-            _unlink_quietly(self.name)
-            os.close(self._write_fd)
-            self._write_fd = None
-
-    def close(self) -> None:
-        """
-        Release the read descriptor, once no reader needs it.
-        """
-        self.discard()
-        if self._read_fd is not None:
-            os.close(self._read_fd)
-            self._read_fd = None
-
-
-#: How many buffers one ``writev`` may take (``IOV_MAX`` is 1024 on Linux).
-_IOV_MAX = 512
+    now = time.time()
+    if now - info.st_atime >= ATIME_RESOLUTION_SECONDS:
+        try:
+            os.utime(fd, ns=(time.time_ns(), info.st_mtime_ns))
+        except OSError:
+            pass  # a read-only cache still serves
 
 
 def _current_umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as error:
-        if error.errno != errno.ENOENT:
-            log.warn("could not remove {path}: {error}", path=path, error=error)

@@ -34,6 +34,26 @@ def _positive_seconds(option: str, text: str) -> float:
     return value
 
 
+def _positive_size(option: str, text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as error:
+        raise usage.UsageError(f"--{option}: {error}") from None
+    if not size:
+        raise usage.UsageError(f"--{option}: must be more than 0")
+    return size
+
+
+def _positive_count(option: str, text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise usage.UsageError(f"--{option}: a whole number of at least 1, not {text!r}")
+    return count
+
+
 class Options(usage.Options):
     """
     Options for ``twist pkgcache``.
@@ -58,6 +78,13 @@ class Options(usage.Options):
          "Keep the cache under this size (e.g. 50G, 500M; K, M, G, T are "
          "powers of 1024): past it, the least recently used files are "
          "removed until it is 90% full. [default: no limit]"],
+        ["max-file-size", None, None,
+         "Refuse (502) and never cache files larger than this (e.g. 10G; "
+         "K, M, G, T are powers of 1024), by their Content-Length or as a "
+         "body without one passes it. [default: no limit]"],
+        ["max-downloads", None, None,
+         "Fetch at most this many files from the sources at once; further "
+         "misses wait, in the order they came. [default: no limit]"],
         ["access-log", None, None,
          "File to append an access log to, in the combined log format with "
          "the cache outcome appended; - for standard output."],
@@ -98,13 +125,11 @@ class Options(usage.Options):
             _check_endpoint("--listen", description)
         if self["metrics-listen"] is not None:
             _check_endpoint("--metrics-listen", self["metrics-listen"])
-        if self["max-cache-size"] is not None:
-            try:
-                self["max-cache-size"] = parse_size(self["max-cache-size"])
-            except ValueError as error:
-                raise usage.UsageError(f"--max-cache-size: {error}") from None
-            if not self["max-cache-size"]:
-                raise usage.UsageError("--max-cache-size: must be more than 0")
+        for option in ("max-cache-size", "max-file-size"):
+            if self[option] is not None:
+                self[option] = _positive_size(option, self[option])
+        if self["max-downloads"] is not None:
+            self["max-downloads"] = _positive_count("max-downloads", self["max-downloads"])
         if self["access-log"] not in (None, "-"):
             try:
                 open(self["access-log"], "ab").close()
@@ -157,6 +182,8 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         connect_timeout=config["connect-timeout"],
         idle_timeout=config["idle-timeout"],
         access_log=access_log,
+        max_file_size=config["max-file-size"],
+        max_downloads=config["max-downloads"],
     )
     return PackageCacheService(
         resource,

@@ -1,30 +1,29 @@
 """
 Fetching a file from the configured sources, with failover.
 
-:class:`UpstreamClient` asks each source in turn for ``SOURCE + path`` and
-hands back the first usable response; a source that refuses, times out or
-answers 5xx is skipped for a while (:class:`SourceHealth`), so a dead mirror
-costs its timeout once, not on every miss.  The body is then streamed chunk by
-chunk through :meth:`UpstreamResponse.stream`, with an idle timer that a
-stalled source cannot outlive.
+:class:`UpstreamClient` asks every source in turn for ``SOURCE + path``, in
+the order :class:`~pkgcache.sources.SourceHealth` gives (sources in back-off
+last), and hands back the first usable response.  The body is then streamed
+chunk by chunk through :meth:`UpstreamResponse.stream`, with an idle timer
+that a stalled source cannot outlive and a size limit a body cannot pass.
 
 Requests go through ``treq`` with ``unbuffered=True`` (treq otherwise holds
-whole bodies in memory) over our own connection pool, and through
-:class:`IdentityEncodingAgent`, because treq asks for gzip and decompresses:
-a cache must store exactly the bytes the mirror stores.
+whole bodies in memory) and ``allow_redirects=False``, over an agent that
+carries our own rules: :class:`~pkgcache.redirects.RedirectPolicyAgent`
+(redirects only within the sources) and :class:`IdentityEncodingAgent`
+(treq asks for gzip and decompresses: a cache must store exactly the bytes
+the mirror stores).  The agent beneath is injected, so that tests can put
+an in-memory one there.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from hyperlink import DecodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,163 +36,25 @@ from zope.interface import implementer
 from pkgcache import __version__
 from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
+from pkgcache.redirects import RedirectPolicyAgent, RedirectRefused, allowed_origins
+from pkgcache.sources import AllSourcesFailed, Attempt, FailureKind, Source, SourceHealth
+from pkgcache.timers import IdleTimer
 
 USER_AGENT = f"pkgcache/{__version__}".encode("ascii")
 
 log = Logger()
 
 
-class Source:
-    """
-    A base URL that files are fetched below: ``Source("https://m/gentoo/")``
-    serves ``/distfiles/x`` from ``https://m/gentoo/distfiles/x``.
-    """
-
-    def __init__(self, text: str) -> None:
-        """
-        :raises ValueError: if ``text`` is not an absolute http(s) URL.
-        """
-        try:
-            url = DecodedURL.from_text(text)
-        except Exception as exc:
-            raise ValueError(f"not a URL: {text!r} ({exc})") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"not an http:// or https:// URL: {text!r}")
-        if url.query or url.fragment:
-            raise ValueError(f"a source URL has no query or fragment: {text!r}")
-        self.url = url
-        self.text = text
-
-    def url_for(self, key: CacheKey) -> str:
-        """
-        The URL of ``key`` on this source.
-
-        Each segment is percent-encoded as one path segment, so a key can
-        never reach another host or climb out of the source's base path.
-        """
-        base = self.url
-        if base.path and base.path[-1] == "":
-            # hyperlink's child() keeps an empty last segment: drop it so
-            # "https://m/" and "https://m" both give "https://m/x".
-            base = base.replace(path=base.path[:-1])
-        return base.child(*key.segments).to_uri().to_text()
-
-    def __str__(self) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return f"Source({self.text!r})"
-
-
-class FailureKind(enum.Enum):
-    """
-    Why a source did not give us the file; decides what we tell the client
-    and whether the source is marked down.
-    """
-
-    NOT_FOUND = "not found"
-    TIMEOUT = "timed out"
-    CONNECTION = "connection failed"
-    SERVER_ERROR = "server error"
-    UNUSABLE = "unusable answer"
-
-    @property
-    def marks_source_down(self) -> bool:
-        return self in (FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One source's failure to provide a file."""
-
-    source: Source
-    kind: FailureKind
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.kind.value} ({self.detail})"
-
-
-class AllSourcesFailed(Exception):
-    """
-    No source provided the file.
-
-    :ivar attempts: every source's failure, in the order tried.
-    """
-
-    def __init__(self, attempts: Sequence[Attempt]) -> None:
-        super().__init__("; ".join(str(attempt) for attempt in attempts))
-        self.attempts = list(attempts)
-
-    @property
-    def status(self) -> int:
-        """
-        The HTTP status for the client: 404 when every source said so,
-        504 when every source timed out, else 502.
-        """
-        kinds = {attempt.kind for attempt in self.attempts}
-        if kinds == {FailureKind.NOT_FOUND}:
-            return http.NOT_FOUND
-        if kinds == {FailureKind.TIMEOUT}:
-            return http.GATEWAY_TIMEOUT
-        return http.BAD_GATEWAY
-
-
 class BodyFailed(Exception):
     """
     A response body ended before it was complete: the source closed early,
-    stalled past the idle timeout, or sent the wrong number of bytes.
+    stalled past the idle timeout, or sent the wrong number of bytes.  The
+    rest may be had from another source.
     """
 
 
-class SourceHealth:
-    """
-    Which sources are believed down, and until when.
-
-    A source that fails in a way that :attr:`FailureKind.marks_source_down`
-    is skipped for ``initial_backoff`` seconds, doubling on each further
-    failure up to ``max_backoff``; once that has passed it is tried again,
-    and a success forgets its history.  A 404 says nothing about health.
-    """
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        initial_backoff: float = 10.0,
-        max_backoff: float = 600.0,
-    ) -> None:
-        self._clock = clock
-        self._initial = initial_backoff
-        self._max = max_backoff
-        self._failures: dict[Source, int] = {}
-        self._down_until: dict[Source, float] = {}
-
-    def is_down(self, source: Source) -> bool:
-        return self._down_until.get(source, 0.0) > self._clock.seconds()
-
-    def record_failure(self, source: Source) -> float:
-        """
-        Mark ``source`` down.
-
-        :return: how many seconds it will be skipped for.
-        """
-        failures = self._failures.get(source, 0) + 1
-        self._failures[source] = failures
-        backoff = min(self._initial * 2 ** min(failures - 1, 32), self._max)
-        self._down_until[source] = self._clock.seconds() + backoff
-        return backoff
-
-    def record_success(self, source: Source) -> None:
-        self._failures.pop(source, None)
-        self._down_until.pop(source, None)
-
-    def order(self, sources: Sequence[Source]) -> list[Source]:
-        """
-        The sources worth trying, in order: those not down, or all of them
-        if every one is down (a guess beats a certain failure).
-        """
-        up = [source for source in sources if not self.is_down(source)]
-        return up or list(sources)
+class BodyTooLarge(BodyFailed):
+    """A body passed the size limit: no source is asked for the rest."""
 
 
 @implementer(IAgent)
@@ -223,53 +84,27 @@ class IdentityEncodingAgent:
         return d.addCallback(keep_encoded)
 
 
-class _IdleTimer:
-    """
-    Calls ``expire`` once nothing has happened for ``timeout`` seconds;
-    ``touch`` means something happened.
-    """
-
-    def __init__(self, clock: IReactorTime, timeout: float, expire: Callable[[], None]):
-        self._clock = clock
-        self.timeout = timeout
-        self._expire = expire
-        self._call: Optional[IDelayedCall] = None
-        self.expired = False
-
-    def touch(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.reset(self.timeout)
-        else:
-            self._call = self._clock.callLater(self.timeout, self._fire)
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _fire(self) -> None:
-        self._call = None
-        self.expired = True
-        self._expire()
-
-
 class _BodyReceiver(Protocol):
     """
     Passes each chunk of a response body on, and tells complete from cut.
+
+    :param limit: the most bytes the body may have.
     """
 
     def __init__(
         self,
         on_chunk: Callable[[bytes], None],
         expected_length: Optional[int],
+        limit: Optional[int],
         clock: IReactorTime,
         idle_timeout: float,
     ) -> None:
         self._on_chunk = on_chunk
         self._expected_length = expected_length
+        self._limit = limit
         self._received = 0
-        self._idle = _IdleTimer(clock, idle_timeout, self._stalled)
-        self._paused = False
+        self._idle = IdleTimer(clock, idle_timeout, self._stalled)
+        self._too_large = False
         # Cancelling the wait (the download was given up) drops the connection.
         self.done: Deferred[None] = Deferred(lambda _: self.abort())
 
@@ -277,8 +112,14 @@ class _BodyReceiver(Protocol):
         self._idle.touch()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._too_large:
+            return
         self._received += len(data)
-        if not self._paused:
+        if self._limit is not None and self._received > self._limit:
+            self._too_large = True
+            self.abort()
+            return
+        if self._idle.running:
             self._idle.touch()
         self._on_chunk(data)
 
@@ -286,7 +127,11 @@ class _BodyReceiver(Protocol):
         self._idle.stop()
         if self.done.called:
             return  # the wait was cancelled, which is what closed us
-        if self._idle.expired:
+        if self._too_large:
+            failure: BodyFailed = BodyTooLarge(
+                f"the body passed the size limit of {self._limit} bytes"
+            )
+        elif self._idle.expired:
             failure = BodyFailed(f"stalled: nothing received for {self._idle.timeout:g}s")
         elif not reason.check(ResponseDone):
             failure = BodyFailed(f"body cut short after {self._received} bytes: "
@@ -304,12 +149,10 @@ class _BodyReceiver(Protocol):
         self.transport.stopProducing()
 
     def pause(self) -> None:
-        self._paused = True
         self._idle.stop()
         self.transport.pauseProducing()
 
     def resume(self) -> None:
-        self._paused = False
         self._idle.touch()
         self.transport.resumeProducing()
 
@@ -352,16 +195,13 @@ class UpstreamResponse:
         return self.headers.getRawHeaders(b"content-type", [None])[0]
 
     @property
-    def last_modified(self) -> Optional[bytes]:
-        return self.headers.getRawHeaders(b"last-modified", [None])[0]
-
-    @property
-    def last_modified_timestamp(self) -> Optional[float]:
+    def last_modified(self) -> Optional[float]:
         """``Last-Modified`` as seconds since the epoch, or ``None``."""
-        if self.last_modified is None:
+        value = self.headers.getRawHeaders(b"last-modified", [None])[0]
+        if value is None:
             return None
         try:
-            return float(http.stringToDatetime(self.last_modified))
+            return float(http.stringToDatetime(value))
         except (ValueError, IndexError, KeyError):
             return None
 
@@ -370,10 +210,16 @@ class UpstreamResponse:
         Deliver the body, chunk by chunk, to ``on_chunk``.
 
         :return: fires when the whole body arrived; fails with
-            :class:`BodyFailed` if it was cut short or stalled.
+            :class:`BodyFailed` if it was cut short or stalled, and
+            :class:`BodyTooLarge` if it passed the client's size limit.
         """
+        limit = self._client.max_body_size
         self._receiver = _BodyReceiver(
-            on_chunk, self.body_length, self._client.clock, self._client.idle_timeout
+            on_chunk,
+            self.body_length,
+            None if limit is None else limit - self.offset,
+            self._client.clock,
+            self._client.idle_timeout,
         )
         self._response.deliverBody(self._receiver)
         return self._receiver.done
@@ -386,7 +232,6 @@ class UpstreamResponse:
     def resume(self) -> None:
         if self._receiver is not None:
             self._receiver.resume()
-
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
@@ -411,29 +256,42 @@ def _announced_length(response, method: bytes) -> Optional[int]:
     return length if length >= 0 else None
 
 
+def network_agent(reactor, connect_timeout: float) -> tuple[IAgent, HTTPConnectionPool]:
+    """
+    An agent that reaches sources over the network, and the connection pool
+    it keeps (to close on shutdown).
+    """
+    pool = HTTPConnectionPool(reactor)
+    pool._factory = _QuietHTTP11ClientFactory
+    pool.maxPersistentPerHost = 4
+    return Agent(reactor, connectTimeout=connect_timeout, pool=pool), pool
+
+
 class UpstreamClient:
     """
     Fetches files from an ordered list of sources, failing over on error.
 
-    :param sources: tried in this order.
-    :param reactor: for connections and timers (a ``Clock`` cannot make
-        connections, but the ``clock`` argument can replace the timers).
-    :param http_client: a treq ``HTTPClient``; by default one over an
-        :class:`IdentityEncodingAgent` and a pool of our own.
+    :param sources: tried in this order (those in back-off last).
+    :param reactor: for connections and timers, when no ``agent`` is given.
+    :param agent: reaches the sources (default: :func:`network_agent`);
+        the redirect policy and identity encoding are added around it.
+    :param clock: for the idle timer and the back-off (default: ``reactor``).
     :param connect_timeout: seconds to wait for a source to accept.
     :param idle_timeout: seconds a source may stay silent, before its
         headers or between two chunks of its body.
+    :param max_body_size: refuse bodies larger than this many bytes.
     """
 
     def __init__(
         self,
         sources: Sequence[Source],
-        reactor,
+        reactor=None,
         *,
-        http_client: Optional[HTTPClient] = None,
+        agent: Optional[IAgent] = None,
         clock: Optional[IReactorTime] = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 30.0,
+        max_body_size: Optional[int] = None,
         health: Optional[SourceHealth] = None,
         metrics: Optional[Metrics] = None,
     ) -> None:
@@ -442,16 +300,14 @@ class UpstreamClient:
         self.sources = list(sources)
         self.clock = clock if clock is not None else reactor
         self.idle_timeout = idle_timeout
+        self.max_body_size = max_body_size
         self.health = health if health is not None else SourceHealth(self.clock)
         self.metrics = metrics if metrics is not None else Metrics()
         self._pool: Optional[HTTPConnectionPool] = None
-        if http_client is None:
-            self._pool = HTTPConnectionPool(reactor)
-            self._pool._factory = _QuietHTTP11ClientFactory
-            self._pool.maxPersistentPerHost = 4
-            agent = Agent(reactor, connectTimeout=connect_timeout, pool=self._pool)
-            http_client = HTTPClient(IdentityEncodingAgent(agent))
-        self._http = http_client
+        if agent is None:
+            agent, self._pool = network_agent(reactor, connect_timeout)
+        agent = RedirectPolicyAgent(agent, allowed_origins(source.url for source in self.sources))
+        self._http = HTTPClient(IdentityEncodingAgent(agent))
 
     def close(self) -> "Deferred[None]":
         """Close idle connections to the sources (on shutdown)."""
@@ -510,18 +366,18 @@ class UpstreamClient:
         self._record_failure(Attempt(source, FailureKind.CONNECTION, reason), key)
 
     def _ordered(self, after: Optional[Source]) -> Iterable[Source]:
-        ordered = self.health.order(self.sources)
-        if after is None or after not in self.sources:
-            return ordered
-        count, start = len(self.sources), self.sources.index(after) + 1
-        return sorted(ordered, key=lambda source: (self.sources.index(source) - start) % count)
+        sources = self.sources
+        if after is not None and after in sources:
+            start = sources.index(after) + 1
+            sources = sources[start:] + sources[:start]
+        return self.health.order(sources)
 
     def _record_failure(self, attempt: Attempt, key: CacheKey) -> None:
         if attempt.kind.marks_source_down:
             backoff = self.health.record_failure(attempt.source)
             log.warn(
                 "source {source} failed for {path}: {kind} ({detail}); "
-                "skipping it for {backoff:g}s",
+                "asking it last for {backoff:g}s",
                 source=str(attempt.source), path=str(key), kind=attempt.kind.value,
                 detail=attempt.detail, backoff=backoff,
             )
@@ -544,9 +400,10 @@ class UpstreamClient:
         if offset:
             headers[b"Range"] = [b"bytes=%d-" % (offset,)]
         requesting = self._http.request(
-            method.decode("ascii"), source.url_for(key), headers=headers, unbuffered=True
+            method.decode("ascii"), source.url_for(key), headers=headers,
+            unbuffered=True, allow_redirects=False,
         )
-        timer = _IdleTimer(self.clock, self.idle_timeout, requesting.cancel)
+        timer = IdleTimer(self.clock, self.idle_timeout, requesting.cancel)
         timer.touch()
         try:
             response = await requesting
@@ -569,9 +426,10 @@ class UpstreamClient:
             timer.stop()
         self.metrics.upstream_answered(str(source), str(response.code))
         upstream = UpstreamResponse(source, response, method, offset, self)
-        problem = _check_response(upstream, offset, total_length)
+        problem = _check_response(upstream, offset, total_length, self.max_body_size)
         if problem is not None:
-            response.deliverBody(_Discard())
+            if method != b"HEAD":
+                response.deliverBody(_Discard())
             raise problem
         return upstream
 
@@ -595,6 +453,8 @@ def _cancelled(exc: BaseException) -> bool:
 
 
 def _classify_request_error(exc: BaseException) -> _SourceFailed:
+    if isinstance(exc, RedirectRefused):
+        return _SourceFailed(FailureKind.REDIRECT_REFUSED, str(exc))
     reasons = getattr(exc, "reasons", None) or [Failure(exc)]
     for reason in reasons:
         if reason.check(netError.TimeoutError):
@@ -606,7 +466,10 @@ def _classify_request_error(exc: BaseException) -> _SourceFailed:
 
 
 def _check_response(
-    response: UpstreamResponse, offset: int, total_length: Optional[int]
+    response: UpstreamResponse,
+    offset: int,
+    total_length: Optional[int],
+    max_body_size: Optional[int],
 ) -> Optional[_SourceFailed]:
     """
     Why ``response`` cannot be used, or ``None`` if it can.
@@ -616,6 +479,15 @@ def _check_response(
         return _SourceFailed(FailureKind.NOT_FOUND, f"HTTP {code}")
     if code >= 500:
         return _SourceFailed(FailureKind.SERVER_ERROR, f"HTTP {code}")
+    if (
+        max_body_size is not None
+        and response.total_length is not None
+        and response.total_length > max_body_size
+    ):
+        return _SourceFailed(
+            FailureKind.TOO_LARGE,
+            f"{response.total_length} bytes, over the limit of {max_body_size}",
+        )
     if not offset:
         if code != http.OK:
             return _SourceFailed(FailureKind.UNUSABLE, f"HTTP {code}")

@@ -137,3 +137,22 @@ class SmallBufferClient:
 
     def close(self) -> None:
         self._socket.close()
+
+
+def multipart_parts(content_type: bytes, body: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The parts of a ``multipart/byteranges`` body, as ``(Content-Range,
+    data)``; fails on anything but exact framing.
+    """
+    media_type, _, parameter = content_type.partition(b"; boundary=")
+    assert media_type == b"multipart/byteranges", content_type
+    delimiter = b"\r\n--" + parameter
+    assert body.endswith(delimiter + b"--\r\n"), "no closing delimiter"
+    parts = []
+    for part in body[: -len(delimiter + b"--\r\n")].split(delimiter)[1:]:
+        head, _, data = part.partition(b"\r\n\r\n")
+        headers = dict(
+            line.split(b": ", 1) for line in head.split(b"\r\n") if line
+        )
+        parts.append((headers[b"Content-Range"], data))
+    return parts

@@ -6,6 +6,7 @@ failure (pytest-twisted would otherwise let a dying Deferred pass).
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -25,6 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from pkgcache.resource import PackageCacheResource
+from pkgcache.service import CacheService
 from tests.origin import OriginServer
 
 
@@ -35,6 +37,8 @@ if os.environ.get("PKGCACHE_TEST_LOG"):
 
 @pytest.fixture(autouse=True)
 def fail_on_logged_failures():
+    """Fails the test if a failure was logged, including "Unhandled error in
+    Deferred", which is only logged when the Deferred is garbage-collected."""
     failures: list = []
 
     def observe(event):
@@ -43,6 +47,7 @@ def fail_on_logged_failures():
 
     globalLogPublisher.addObserver(observe)
     yield failures
+    gc.collect()
     globalLogPublisher.removeObserver(observe)
     if failures:
         messages = [
@@ -102,15 +107,18 @@ async def make_proxy(tmp_path):
     def make(sources, cache_dir: Optional[FilePath] = None, **options) -> Proxy:
         cache_dir = cache_dir or FilePath(str(tmp_path)).child("cache")
         resource = PackageCacheResource(sources, cache_dir, **options)
+        service = CacheService(resource)
+        service.startService()
         site = Site(resource)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        running.append((port, resource))
+        running.append((port, service))
         return Proxy(f"http://127.0.0.1:{port.getHost().port}", resource, cache_dir)
 
     yield make
-    for port, resource in running:
+    for port, service in running:
         await port.stopListening()
-        await resource.close()
+        if service.running:
+            await service.stopService()
 
 
 class TestClient:

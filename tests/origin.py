@@ -34,6 +34,7 @@ class OriginFile:
     :ivar hang: accept the request and never answer it.
     :ivar content_length: announce the length (else the body is chunked).
     :ivar headers: extra response headers.
+    :ivar content_type: the ``Content-Type`` to send (``None``: none).
     :ivar delay: seconds to wait before answering.
     :ivar short_ranges: answer a range request with a ``Content-Range`` to
         the end of the file but only this many bytes (a lying mirror).
@@ -49,6 +50,7 @@ class OriginFile:
     hang: bool = False
     content_length: bool = True
     headers: Optional[dict] = None
+    content_type: Optional[bytes] = b"application/octet-stream"
     delay: float = 0.0
     short_ranges: Optional[int] = None
 
@@ -96,6 +98,7 @@ class Origin(Resource):
     def _answer(self, request: Request, spec: OriginFile, range_header: Optional[bytes]):
         if request.channel is None:
             return
+        request.defaultContentType = spec.content_type
         for name, value in (spec.headers or {}).items():
             request.setHeader(name, value)
         if spec.status != http.OK:

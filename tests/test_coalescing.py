@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.utils import getProcessOutputAndValue
 
 from pkgcache.paths import cache_key_from_postpath
-from tests.clients import SmallBufferClient, sha256, start_reading
+from tests.clients import SmallBufferClient, multipart_parts, sha256, start_reading
 from tests.conftest import fetch, raw_request, sleep, wait_for
 from tests.origin import refused_url
 
@@ -90,8 +90,8 @@ async def test_download_completes_after_every_client_left(origin, make_proxy, ht
     for _, reader in readers:
         await reader.first_byte
         reader.hang_up()
-    await wait_for(lambda: not in_flight(proxy).readers)
-    assert not in_flight(proxy).ended, "the download stopped with its clients"
+    await wait_for(lambda: not in_flight(proxy).followers)
+    assert not in_flight(proxy).finished.called, "the download stopped with its clients"
     assert await proxy.published(PATH) == data
     assert origin.count(PATH) == 1
     response, body = await fetch(http, proxy.url + PATH)
@@ -128,12 +128,26 @@ async def test_range_on_a_miss_is_served_from_the_shared_download(origin, make_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_multiple_ranges_on_a_miss_get_the_whole_file(origin, make_proxy, http):
-    data = os.urandom(100_000)
-    origin.add(PATH, data)
+async def test_multiple_ranges_get_the_same_multipart_answer_on_a_miss_and_a_hit(
+    origin, make_proxy, http
+):
+    data = os.urandom(1_000_000)
+    origin.add(PATH, data, rate=2_000_000)
     proxy = make_proxy([origin.url])
-    response, body = await fetch(http, proxy.url + PATH, headers={b"range": [b"bytes=0-1,5-9"]})
-    assert (response.code, body) == (200, data)
+    ranges = {b"range": [b"bytes=900000-900009,0-1,-5"]}
+    expected = [
+        (b"bytes 900000-900009/1000000", data[900000:900010]),
+        (b"bytes 0-1/1000000", data[0:2]),
+        (b"bytes 999995-999999/1000000", data[-5:]),
+    ]
+    answers = [await fetch(http, proxy.url + PATH, headers=ranges)]
+    await proxy.published(PATH)
+    answers.append(await fetch(http, proxy.url + PATH, headers=ranges))
+    for response, body in answers:
+        assert response.code == 206
+        assert response.length == len(body)
+        (content_type,) = response.headers.getRawHeaders(b"content-type")
+        assert multipart_parts(content_type, body) == expected
 
 
 @pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed")
@@ -206,7 +220,7 @@ async def test_a_client_that_stops_reading_is_dropped(origin, make_proxy, http):
         await wait_for(lambda: stuck.read(1) > 0 or in_flight(proxy) is not None)
         download = in_flight(proxy)
         # ...and it reads nothing more.
-        await wait_for(lambda: not download.readers)
+        await wait_for(lambda: not download.followers)
         assert await proxy.published(PATH) == data
         body = await stuck.read_to_end()
     finally:

@@ -19,8 +19,8 @@ from twisted.python.filepath import FilePath
 from twisted.web.client import ResponseFailed
 
 from pkgcache.download import MEMORY_HIGH_WATER
-from pkgcache.reader import CHUNK_SIZE
-from pkgcache.store import Spool
+from pkgcache import spool
+from pkgcache.responses import READ_SIZE
 from tests.clients import sha256, start_reading
 from tests.conftest import fetch, raw_request, sleep, wait_for
 from tests.test_coalescing import PATH, in_flight
@@ -54,8 +54,9 @@ async def test_resume_after_a_stall(origins, make_proxy, http):
 @pytest_twisted.ensureDeferred
 async def test_every_client_cut_off_when_no_source_can_resume(origins, make_proxy, http):
     dropping, no_ranges, other_file = origins(), origins(), origins()
-    # Slow enough that all three clients join before it breaks off.
-    dropping.add(PATH, DATA, close_at=300_000, rate=1_000_000)
+    # Slow enough that all three clients join before it breaks off; it is
+    # asked last to resume (it broke off), and cannot.
+    dropping.add(PATH, DATA, close_at=300_000, rate=1_000_000, ranges=False)
     no_ranges.add(PATH, DATA, ranges=False)
     other_file.add(PATH, DATA + b"longer")  # ranges, but not the same file
     proxy = make_proxy([dropping.url, no_ranges.url, other_file.url])
@@ -112,7 +113,7 @@ async def test_full_disk_keeps_streaming_to_attached_clients(
     _, slow = await start_reading(http, proxy.url + PATH, rate=4_000_000)
     download = in_flight(proxy)
     _, fast = await start_reading(http, proxy.url + PATH)
-    assert len(download.readers) == 2
+    assert len(download.followers) == 2
 
     largest_buffer = 0
     while not fast.done.called:
@@ -123,7 +124,7 @@ async def test_full_disk_keeps_streaming_to_attached_clients(
     assert sha256(await slow.done) == sha256(data)
     # The slow reader fell far behind, but memory stayed bounded: the
     # source was paused instead.
-    assert 0 < largest_buffer <= MEMORY_HIGH_WATER + CHUNK_SIZE * 4
+    assert 0 < largest_buffer <= MEMORY_HIGH_WATER + READ_SIZE * 4
     assert not proxy.cached(PATH).exists()
     assert proxy.spools() == []
 
@@ -206,13 +207,13 @@ async def test_a_client_arriving_as_a_download_fails_starts_afresh(
     origin, make_proxy, http, monkeypatch
 ):
     # A slow disk: a failed download takes a while to wind down.
-    original = Spool.write_all
+    original = spool._write_all
 
-    def slow_write_all(self, chunks):
+    def slow_write_all(fd, chunks):
         time.sleep(0.05)
-        return original(self, chunks)
+        return original(fd, chunks)
 
-    monkeypatch.setattr(Spool, "write_all", slow_write_all)
+    monkeypatch.setattr(spool, "_write_all", slow_write_all)
     origin.add(PATH, DATA, close_at=300_000, ranges=False)
     proxy = make_proxy([origin.url])
     _, first = await start_reading(http, proxy.url + PATH)
@@ -248,16 +249,16 @@ async def test_head_miss_client_leaving_early_is_quiet(origin, make_proxy):
 @pytest_twisted.ensureDeferred
 async def test_disk_write_error_keeps_streaming(origin, make_proxy, http, monkeypatch):
     """The same as on a full tmpfs, where none can be mounted: EIO mid-spool."""
-    original = Spool.write_all
+    original = spool._write_all
     written = []
 
-    def failing_write_all(self, chunks):
+    def failing_write_all(fd, chunks):
         if sum(written) > 200_000:
             raise OSError(errno.EIO, "Input/output error")
-        written.append(original(self, chunks))
+        written.append(original(fd, chunks))
         return written[-1]
 
-    monkeypatch.setattr(Spool, "write_all", failing_write_all)
+    monkeypatch.setattr(spool, "_write_all", failing_write_all)
     origin.add(PATH, DATA, rate=2_000_000)
     proxy = make_proxy([origin.url])
     readers = [await start_reading(http, proxy.url + PATH) for _ in range(2)]

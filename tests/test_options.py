@@ -91,7 +91,7 @@ def test_make_service_listens_on_every_endpoint(tmp_path):
         "--listen", "unix:" + str(tmp_path / "sock"),
     )
     service = makeService(options)
-    listeners = [child for child in service if child is not service.cache_limit]
+    listeners = list(service)
     assert len(listeners) == 2
     assert all(isinstance(listener, StreamServerEndpointService) for listener in listeners)
     assert isinstance(service.resource, PackageCacheResource)
@@ -105,5 +105,5 @@ def test_max_cache_size_is_parsed_and_wired(tmp_path):
         "--source", "http://a/", "--cache-dir", str(tmp_path), "--max-cache-size", "1.5G"
     )
     assert options["max-cache-size"] == 1536 * 1024 * 1024
-    assert makeService(options).cache_limit.max_size == 1536 * 1024 * 1024
+    assert makeService(options).cache.cache_limit.max_size == 1536 * 1024 * 1024
     assert parse("--source", "http://a/", "--cache-dir", str(tmp_path))["max-cache-size"] is None

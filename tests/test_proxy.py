@@ -66,16 +66,38 @@ async def test_failover_past_refused_500_404_and_silent_sources(origins, make_pr
 
 
 @pytest_twisted.ensureDeferred
-async def test_redirects_are_followed(origins, make_proxy, http):
+async def test_redirects_within_the_sources_are_followed(origins, make_proxy, http):
     redirector, mirror = origins(), origins()
     mirror.add("/real/foo.tar.gz", FILE)
     redirector.add(
         PATH, status=302, headers={b"location": (mirror.url + "real/foo.tar.gz").encode()}
     )
-    proxy = make_proxy([redirector.url])
+    proxy = make_proxy([redirector.url, mirror.url])
     response, body = await fetch(http, proxy.url + PATH)
     assert (response.code, body) == (200, FILE)
     assert await proxy.published(PATH) == FILE
+    assert mirror.count(PATH) == 0, "the redirect was followed, not failed over"
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.2:{port}/x", "http://localhost:{port}/x",
+                                    "http://127.0.0.1:1/x", "file:///etc/passwd"])
+@pytest_twisted.ensureDeferred
+async def test_redirects_out_of_the_sources_fail_over(origins, make_proxy, http, target):
+    redirector, next_source, elsewhere = origins(), origins(), origins()
+    elsewhere.add("/x", b"not from a source")
+    port = elsewhere.port.getHost().port
+    redirector.add(PATH, status=302, headers={b"location": target.format(port=port).encode()})
+    next_source.add(PATH, FILE)
+    proxy = make_proxy([redirector.url, next_source.url])
+    response, body = await fetch(http, proxy.url + PATH)
+    assert (response.code, body) == (200, FILE)
+    assert elsewhere.origin.requests == []
+    assert not proxy.resource.upstream.health.is_down(proxy.resource.upstream.sources[0])
+
+    proxy_alone = make_proxy([redirector.url], cache_dir=proxy.cache_dir.sibling("alone"))
+    response, body = await fetch(http, proxy_alone.url + PATH)
+    assert response.code == 502
+    assert b"redirect refused" in body
 
 
 @pytest_twisted.ensureDeferred
@@ -268,7 +290,7 @@ async def test_hit_headers_ranges_and_conditional_get(origin, make_proxy, http):
 
 @pytest_twisted.ensureDeferred
 async def test_hit_content_type_falls_back_to_octet_stream(origin, make_proxy, http):
-    origin.add("/pool/blob.unknownext", FILE)
+    origin.add("/pool/blob.unknownext", FILE, content_type=None)
     proxy = make_proxy([origin.url])
     await fetch(http, proxy.url + "/pool/blob.unknownext")
     await proxy.published("/pool/blob.unknownext")
@@ -405,22 +427,27 @@ async def test_embedded_below_a_path_in_an_existing_site(origin, http, tmp_path)
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
-    from pkgcache import PackageCacheResource
+    from pkgcache import CacheService, PackageCacheResource
 
     origin.add(PATH, FILE)
     root = Resource()
     cache = PackageCacheResource(sources=[origin.url], cache_dir=str(tmp_path / "cache"))
     root.putChild(b"gentoo", cache)
     port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}/gentoo{PATH}"
+    service = CacheService(cache)
     try:
-        url = f"http://127.0.0.1:{port.getHost().port}/gentoo{PATH}"
+        response, body = await fetch(http, url)
+        assert response.code == 503, "served before its service started"
+        assert not (tmp_path / "cache").exists(), "making the resource did I/O"
+        service.startService()
         response, body = await fetch(http, url)
         assert (response.code, body) == (200, FILE)
         assert origin.origin.requests == [(b"GET", PATH, None)]
         await wait_for(lambda: (tmp_path / "cache" / PATH.lstrip("/")).exists())
     finally:
         await port.stopListening()
-        await cache.close()
+        await service.stopService()
 
 
 @pytest_twisted.ensureDeferred

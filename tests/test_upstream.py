@@ -12,14 +12,8 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from pkgcache.paths import CacheKey
-from pkgcache.upstream import (
-    AllSourcesFailed,
-    Attempt,
-    FailureKind,
-    Source,
-    SourceHealth,
-    UpstreamClient,
-)
+from pkgcache.sources import AllSourcesFailed, Attempt, FailureKind, Source, SourceHealth
+from pkgcache.upstream import UpstreamClient
 from tests.conftest import fetch
 from tests.origin import refused_url
 
@@ -86,14 +80,17 @@ def test_backoff_grows_is_capped_and_forgotten_on_success():
     assert health.record_failure(source) == 10
 
 
-def test_order_skips_down_sources_unless_all_are_down():
+def test_order_puts_sources_in_backoff_last_never_leaves_them_out():
     clock = Clock()
     health = SourceHealth(clock)
     a, b, c = Source("http://a/"), Source("http://b/"), Source("http://c/")
     health.record_failure(b)
-    assert health.order([a, b, c]) == [a, c]
+    assert health.order([a, b, c]) == [a, c, b]
     health.record_failure(a)
+    assert health.order([a, b, c]) == [c, a, b]
     health.record_failure(c)
+    assert health.order([a, b, c]) == [a, b, c]
+    clock.advance(10)
     assert health.order([a, b, c]) == [a, b, c]
 
 

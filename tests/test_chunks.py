@@ -2,7 +2,7 @@
 The in-memory part of a download: chunks waiting for the disk or a reader.
 """
 
-from pkgcache.download import ChunkBuffer
+from pkgcache.chunks import ChunkBuffer
 
 
 def filled(*chunks: bytes) -> ChunkBuffer:
@@ -20,13 +20,6 @@ def test_reads_within_and_across_chunks():
     assert buffer.read(3, 10) == b"defg"
     assert buffer.read(5, 1) == b"f"
     assert buffer.read(8, 10) == b""
-
-
-def test_chunks_from_an_offset_for_the_writer():
-    buffer = filled(b"abc", b"defg", b"h")
-    assert b"".join(buffer.chunks_from(0)) == b"abcdefgh"
-    assert buffer.chunks_from(4) == [b"efg", b"h"]
-    assert buffer.chunks_from(8) == []
 
 
 def test_dropping_keeps_the_chunk_holding_the_offset():

@@ -1,0 +1,55 @@
+"""
+Serving a cached file: opened once by the store (so a cull racing the hit
+makes it a miss, never an error page), answered with the same headers as a
+miss, and sent in one write when small or by a producer when large.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from pkgcache.interfaces import IByteSource, IFollower
+from pkgcache.responses import Entity, send_entity
+from pkgcache.store import CachedFile
+
+
+@implementer(IByteSource)
+class _FileBytes:
+    """A cached file as a byte source: all there, and closed once read."""
+
+    complete = True
+    failure = None
+
+    def __init__(self, cached: CachedFile) -> None:
+        self._cached = cached
+        self.received = cached.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._cached.read(offset, length)
+
+    def attach(self, follower: IFollower) -> None:
+        pass
+
+    def detach(self, follower: IFollower) -> None:
+        self._cached.close()
+
+    def follower_advanced(self) -> None:
+        pass
+
+
+def serve_hit(
+    request: Request, cached: CachedFile, *, clock: IReactorTime, stall_timeout: float
+) -> None:
+    """Answer ``request`` from ``cached``, and close it once done."""
+    entity = Entity(cached.size, cached.mtime, cached.metadata.served_content_type)
+    source = _FileBytes(cached)
+    producer = send_entity(
+        request, entity, source,
+        clock=clock, stall_timeout=stall_timeout, label=request.path.decode("utf-8", "replace"),
+    )
+    if producer is None:
+        cached.close()
+    else:
+        producer.start()

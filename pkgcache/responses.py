@@ -1,0 +1,343 @@
+"""
+How pkgcache answers: one set of headers and one body producer for hits
+and misses alike, so a file looks the same whether it came from disk or is
+still arriving from a source.
+
+:func:`send_entity` sets the headers (``Content-Type`` as the source said,
+``X-Content-Type-Options: nosniff``, ``Last-Modified``, ``Accept-Ranges``),
+answers conditional and ``Range`` requests, and streams the body with a
+:class:`BodyProducer` from a byte source (:class:`IByteSource`): an open
+cached file, or a download that is still growing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from pkgcache.interfaces import IByteSource, IFollower
+from pkgcache.ranges import UNSATISFIABLE, ByteRange, Multipart, requested_ranges
+from pkgcache.sources import AllSourcesFailed
+from pkgcache.timers import IdleTimer
+from pkgcache.upstream import BodyFailed
+
+#: How much one read from the byte source takes: a file up to this size is
+#: answered in one write, with no producer.
+READ_SIZE = 256 * 1024
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Entity:
+    """
+    What the headers say about a file.
+
+    :ivar length: its length, if known (a chunked miss may not know it).
+    :ivar last_modified: seconds since the epoch.
+    """
+
+    length: Optional[int]
+    last_modified: float
+    content_type: bytes
+
+
+class _Span:
+    """A byte range still to send, of which ``start`` moves on; ``end``
+    ``None`` means up to wherever the source completes."""
+
+    def __init__(self, start: int, end: Optional[int]) -> None:
+        self.start = start
+        self.end = end
+
+
+_Piece = Union[bytes, _Span]
+
+
+def send_entity(
+    request: Request,
+    entity: Entity,
+    source: IByteSource,
+    *,
+    clock: IReactorTime,
+    stall_timeout: float,
+    label: str,
+) -> Optional["BodyProducer"]:
+    """
+    Answer ``request`` with the file ``entity`` describes, its body to be
+    read from ``source``.
+
+    :return: the producer to :meth:`~BodyProducer.start`, or ``None`` when
+        the answer has no body (304, 416, HEAD) and is finished already.
+    """
+    request.setHeader(b"content-type", entity.content_type)
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    if entity.length is not None:
+        request.setHeader(b"accept-ranges", b"bytes")
+    if request.setLastModified(entity.last_modified) == http.CACHED:
+        request.finish()
+        return None
+    pieces = _plan_body(request, entity)
+    if request.method == b"HEAD" or not pieces:
+        request.finish()
+        return None
+    return BodyProducer(
+        request, source, pieces, clock=clock, stall_timeout=stall_timeout, label=label
+    )
+
+
+def _plan_body(request: Request, entity: Entity) -> list[_Piece]:
+    """Set the status and length headers; return what the body is made of."""
+    length = entity.length
+    ranges = requested_ranges(request.getHeader(b"range"), length)
+    if_range = request.getHeader(b"if-range")
+    if ranges is not None and if_range is not None:
+        # Only a date validator can match: a cached file has no ETag.
+        if if_range != http.datetimeToString(math.ceil(entity.last_modified)):
+            ranges = None
+    if ranges is None:
+        if length is not None:
+            request.setHeader(b"content-length", b"%d" % (length,))
+        return [_Span(0, length)]
+    assert length is not None
+    if ranges is UNSATISFIABLE:
+        request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+        request.setHeader(b"content-range", b"bytes */%d" % (length,))
+        request.setHeader(b"content-length", b"0")
+        return []
+    request.setResponseCode(http.PARTIAL_CONTENT)
+    if len(ranges) == 1:
+        (only,) = ranges
+        request.setHeader(b"content-range", only.content_range(length))
+        request.setHeader(b"content-length", b"%d" % (only.end - only.start,))
+        return [_Span(only.start, only.end)]
+    multipart = Multipart.new(entity.content_type, length)
+    request.setHeader(b"content-type", multipart.media_type)
+    request.setHeader(b"content-length", b"%d" % (multipart.body_length(ranges),))
+    pieces: list[_Piece] = []
+    for byte_range in ranges:
+        pieces += [multipart.part_header(byte_range), _Span(byte_range.start, byte_range.end)]
+    return pieces + [multipart.closing()]
+
+
+@implementer(IPushProducer, IFollower)
+class BodyProducer:
+    """
+    Streams the pieces of a body from a byte source to one client, as the
+    bytes become available and as fast as the client takes them.
+
+    The client's transport pauses and resumes it; a download it follows
+    tells it when there is more (:meth:`data_available`).  So a slow client
+    only falls behind in the file, never in memory.
+
+    If the source fails before anything was sent, the client gets an error
+    status saying why.  After that, the response is never finished: the
+    connection is closed short of ``Content-Length`` or with no last chunk,
+    so the client's tool reports an error (curl: exit 18) instead of taking
+    a short body for a whole file; where neither would show (HTTP/1.0
+    without a length), the connection is reset.
+
+    A client that takes nothing for ``stall_timeout`` seconds is dropped:
+    Twisted suspends a connection's idle timeout while a request is being
+    answered, so a client that stops reading would otherwise hold its
+    connection and a descriptor for ever.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        source: IByteSource,
+        pieces: list[_Piece],
+        *,
+        clock: IReactorTime,
+        stall_timeout: float,
+        label: str,
+    ) -> None:
+        self._request = request
+        self._source = source
+        self._pieces = pieces
+        self._label = label
+        self._paused = False
+        self._pumping = False
+        self._done = False
+        self._stalled = IdleTimer(clock, stall_timeout, self._drop_stalled)
+
+    @property
+    def needed_from(self) -> int:
+        spans = [piece.start for piece in self._pieces if isinstance(piece, _Span)]
+        return min(spans, default=self._source.received)
+
+    def start(self) -> None:
+        """Start streaming; the request's headers must be set already."""
+        self._source.attach(self)
+        self._request.notifyFinish().addErrback(lambda _: self._client_gone())
+        if self._send_at_once():
+            return
+        self._request.registerProducer(self, True)
+        self._pump()
+
+    def data_available(self) -> None:
+        if not self._paused:
+            self._pump()
+
+    # IPushProducer, driven by the client's transport
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if not self._stalled.running:
+            self._stalled.touch()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._stalled.stop()
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._client_gone()
+
+    # internals
+
+    def _send_at_once(self) -> bool:
+        """
+        Send a small body that is all there in one write, with no producer.
+
+        :return: whether it did.
+        """
+        source = self._source
+        if not source.complete:
+            return False
+        size = sum(
+            len(piece) if isinstance(piece, bytes) else _end(piece, source) - piece.start
+            for piece in self._pieces
+        )
+        if size > READ_SIZE:
+            return False
+        self._request.write(b"".join(
+            piece if isinstance(piece, bytes)
+            else source.read(piece.start, _end(piece, source) - piece.start)
+            for piece in self._pieces
+        ))
+        self._finish()
+        return True
+
+    def _pump(self) -> None:
+        if self._pumping or self._done:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and not self._done and self._send_some():
+                pass
+        finally:
+            self._pumping = False
+        self._source.follower_advanced()
+
+    def _send_some(self) -> bool:
+        """
+        Send what is available of the next piece, or end the response if
+        nothing more will be.
+
+        :return: whether there may be more to send right away.
+        """
+        if not self._pieces:
+            self._finish()
+            return False
+        piece = self._pieces[0]
+        if isinstance(piece, bytes):
+            self._pieces.pop(0)
+            self._request.write(piece)
+            return True
+        source = self._source
+        end = _end(piece, source) if source.complete else piece.end
+        if end is not None and piece.start >= end:
+            self._pieces.pop(0)
+            return True
+        wanted = READ_SIZE if end is None else min(READ_SIZE, end - piece.start)
+        available = min(wanted, source.received - piece.start)
+        if available > 0:
+            data = source.read(piece.start, available)
+            piece.start += len(data)
+            self._request.write(data)
+            return True
+        if source.failure is not None:
+            self._fail(source.failure)
+        return False
+
+    def _finish(self) -> None:
+        self._done = True
+        self._stalled.stop()
+        if self._request.producer is not None:
+            self._request.unregisterProducer()
+        self._request.finish()
+        self._source.detach(self)
+
+    def _fail(self, reason: BaseException) -> None:
+        self._done = True
+        request = self._request
+        if request.producer is not None:
+            request.unregisterProducer()
+        if not request.startedWriting:
+            request.responseHeaders = Headers()
+            status, message = failure_response(reason)
+            send_error(request, status, message)
+        elif request.responseHeaders.hasHeader(b"content-length") or request.chunked:
+            # The client can tell this close from a complete response.  The
+            # stall timer still drops it if it never reads what is buffered.
+            request.transport.loseConnection()
+            self._stalled.touch()
+        else:
+            request.transport.abortConnection()
+        self._source.detach(self)
+
+    def _drop_stalled(self) -> None:
+        log.info(
+            "dropping a client of {path} that took nothing for {seconds:g}s",
+            path=self._label, seconds=self._stalled.timeout,
+        )
+        # Not loseConnection: that would wait for the client to read what
+        # is buffered, which it will not.
+        self._request.transport.abortConnection()
+
+    def _client_gone(self) -> None:
+        self._stalled.stop()
+        if not self._done:
+            self._done = True
+            self._source.detach(self)
+
+
+def _end(piece: _Span, source: IByteSource) -> int:
+    """Where ``piece`` ends, once ``source`` is complete."""
+    return source.received if piece.end is None else piece.end
+
+
+def failure_response(reason: BaseException) -> tuple[int, str]:
+    """The status and short text that tell a client why its file failed."""
+    if isinstance(reason, AllSourcesFailed):
+        return reason.status, f"no source provided this file:\n{reason}"
+    if isinstance(reason, CancelledError):
+        return http.SERVICE_UNAVAILABLE, "shutting down"
+    if isinstance(reason, BodyFailed):
+        return http.BAD_GATEWAY, f"the download failed before these bytes arrived: {reason}"
+    return http.BAD_GATEWAY, "the download failed"
+
+
+def send_error(request: Request, status: int, message: str) -> None:
+    """A short plain-text answer, finished at once (if the client is still there)."""
+    body = (message + "\n").encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    if request.finished or request.channel is None:
+        return
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()

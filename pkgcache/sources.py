@@ -1,0 +1,172 @@
+"""
+The mirrors files come from, why one of them failed, and which are in
+back-off.
+
+Nothing here talks to the network: :mod:`pkgcache.upstream` asks the
+sources, in the order :meth:`SourceHealth.order` gives, and records here
+what became of each.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Sequence
+
+from hyperlink import DecodedURL
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
+
+from pkgcache.paths import CacheKey
+
+
+class Source:
+    """
+    A base URL that files are fetched below: ``Source("https://m/gentoo/")``
+    serves ``/distfiles/x`` from ``https://m/gentoo/distfiles/x``.
+    """
+
+    def __init__(self, text: str) -> None:
+        """
+        :raises ValueError: if ``text`` is not an absolute http(s) URL.
+        """
+        try:
+            url = DecodedURL.from_text(text)
+        except Exception as exc:
+            raise ValueError(f"not a URL: {text!r} ({exc})") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http:// or https:// URL: {text!r}")
+        if url.query or url.fragment:
+            raise ValueError(f"a source URL has no query or fragment: {text!r}")
+        self.url = url
+        self.text = text
+
+    def url_for(self, key: CacheKey) -> str:
+        """
+        The URL of ``key`` on this source.
+
+        Each segment is percent-encoded as one path segment, so a key can
+        never reach another host or climb out of the source's base path.
+        """
+        base = self.url
+        if base.path and base.path[-1] == "":
+            # hyperlink's child() keeps an empty last segment: drop it so
+            # "https://m/" and "https://m" both give "https://m/x".
+            base = base.replace(path=base.path[:-1])
+        return base.child(*key.segments).to_uri().to_text()
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Source({self.text!r})"
+
+
+class FailureKind(enum.Enum):
+    """
+    Why a source did not give us the file; decides what we tell the client
+    and whether the source is put in back-off.
+    """
+
+    NOT_FOUND = "not found"
+    TIMEOUT = "timed out"
+    CONNECTION = "connection failed"
+    SERVER_ERROR = "server error"
+    REDIRECT_REFUSED = "redirect refused"
+    TOO_LARGE = "too large"
+    UNUSABLE = "unusable answer"
+
+    @property
+    def marks_source_down(self) -> bool:
+        return self in (FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One source's failure to provide a file."""
+
+    source: Source
+    kind: FailureKind
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.kind.value} ({self.detail})"
+
+
+class AllSourcesFailed(Exception):
+    """
+    No source provided the file.
+
+    :ivar attempts: every source's failure, in the order tried.
+    """
+
+    def __init__(self, attempts: Sequence[Attempt]) -> None:
+        super().__init__("; ".join(str(attempt) for attempt in attempts))
+        self.attempts = list(attempts)
+
+    @property
+    def status(self) -> int:
+        """
+        The HTTP status for the client: 404 only when every source said
+        404/410 (sources in back-off included: they are asked last, so a
+        file only they have is never denied), 504 when every source timed
+        out, else 502.
+        """
+        kinds = {attempt.kind for attempt in self.attempts}
+        if kinds == {FailureKind.NOT_FOUND}:
+            return http.NOT_FOUND
+        if kinds == {FailureKind.TIMEOUT}:
+            return http.GATEWAY_TIMEOUT
+        return http.BAD_GATEWAY
+
+
+class SourceHealth:
+    """
+    Which sources are in back-off, and until when.
+
+    A source that fails in a way that :attr:`FailureKind.marks_source_down`
+    goes to the end of the order for ``initial_backoff`` seconds, doubling
+    on each further failure up to ``max_backoff``; a success forgets its
+    history.  A 404 says nothing about health.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        initial_backoff: float = 10.0,
+        max_backoff: float = 600.0,
+    ) -> None:
+        self._clock = clock
+        self._initial = initial_backoff
+        self._max = max_backoff
+        self._failures: dict[Source, int] = {}
+        self._down_until: dict[Source, float] = {}
+
+    def is_down(self, source: Source) -> bool:
+        return self._down_until.get(source, 0.0) > self._clock.seconds()
+
+    def record_failure(self, source: Source) -> float:
+        """
+        Put ``source`` in back-off.
+
+        :return: for how many seconds.
+        """
+        failures = self._failures.get(source, 0) + 1
+        self._failures[source] = failures
+        backoff = min(self._initial * 2 ** min(failures - 1, 32), self._max)
+        self._down_until[source] = self._clock.seconds() + backoff
+        return backoff
+
+    def record_success(self, source: Source) -> None:
+        self._failures.pop(source, None)
+        self._down_until.pop(source, None)
+
+    def order(self, sources: Sequence[Source]) -> list[Source]:
+        """
+        Every source, in the order to ask them: those not in back-off first,
+        then those in back-off, as a last resort (each group keeping the
+        order given).  A dead mirror then costs nothing while another has
+        the file, and a file that only it has is still fetched.
+        """
+        down = [source for source in sources if self.is_down(source)]
+        return [source for source in sources if source not in down] + down
