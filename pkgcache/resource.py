@@ -68,6 +68,8 @@ class PackageCacheResource(Resource):
     :param max_file_size: refuse (502) files larger than this many bytes.
     :param max_downloads: fetch at most this many files from the sources at
         once; more misses wait, in order.
+    :param store: the cache directory's store (default: one for
+        ``cache_dir``), to share it or to run its disk work differently.
     """
 
     isLeaf = True
@@ -86,11 +88,12 @@ class PackageCacheResource(Resource):
         client_stall_timeout: float = 300.0,
         max_file_size: Optional[int] = None,
         max_downloads: Optional[int] = None,
+        store: Optional[CacheStore] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
-        if not cache_dir:
+        if not cache_dir and store is None:
             raise ValueError("a cache directory is needed")
         self._reactor = reactor
         self._access_log = access_log
@@ -106,9 +109,11 @@ class PackageCacheResource(Resource):
             )
         self.upstream = upstream
         self.metrics = metrics if metrics is not None else upstream.metrics
-        if not isinstance(cache_dir, FilePath):
-            cache_dir = FilePath(cache_dir)
-        self.store = CacheStore(cache_dir, reactor)
+        if store is None:
+            store = CacheStore(
+                cache_dir if isinstance(cache_dir, FilePath) else FilePath(cache_dir), reactor
+            )
+        self.store = store
         self.downloads = Downloads(self.store, self.upstream, max_downloads)
         self.metrics.count_downloads(lambda: len(self.downloads), lambda: self.downloads.waiting)
 

@@ -41,7 +41,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pkgcache.metadata import EntryMetadata
 from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey
-from pkgcache.spool import SpoolWriter
+from pkgcache.spool import DiskRunner, SpoolWriter
 
 SPOOL_DIR_NAME = ".pkgcache-spool"
 assert SPOOL_DIR_NAME in RESERVED_TOP_LEVEL_NAMES
@@ -91,13 +91,20 @@ class CacheStore:
     run the disk work that would block the reactor in threads.
 
     :param reactor: runs the disk threads' results back in its thread.
+    :param run_blocking: runs the disk work instead of a pool of threads
+        (``run_blocking(function, *args)`` returns a Deferred of its
+        result): tests that run in memory on a ``Clock`` do it at once.
     """
 
-    def __init__(self, cache_dir: FilePath, reactor) -> None:
+    def __init__(
+        self, cache_dir: FilePath, reactor, run_blocking: Optional[DiskRunner] = None
+    ) -> None:
         self.cache_dir = cache_dir
         self.spool_dir = cache_dir.child(SPOOL_DIR_NAME)
         self._reactor = reactor
+        self._run_blocking = run_blocking
         self._disk_threads: Optional[ThreadPool] = None
+        self._running = False
         self.closed = False
         #: Called with the size of each file published (for the cache limit).
         self.on_published: list[Callable[[int], None]] = []
@@ -124,8 +131,10 @@ class CacheStore:
         assert not self.closed, "a closed store cannot be opened again"
         self.create()
         self.sweep_stale_spools()
-        self._disk_threads = ThreadPool(0, DISK_THREADS, name="pkgcache-disk")
-        self._disk_threads.start()
+        if self._run_blocking is None:
+            self._disk_threads = ThreadPool(0, DISK_THREADS, name="pkgcache-disk")
+            self._disk_threads.start()
+        self._running = True
 
     def close(self) -> "Deferred[None]":
         """
@@ -134,6 +143,7 @@ class CacheStore:
         of their own: the reactor never waits for the disk).
         """
         self.closed = True
+        self._running = False
         pool, self._disk_threads = self._disk_threads, None
         stopped: Deferred[None] = Deferred()
         if pool is None:
@@ -150,7 +160,7 @@ class CacheStore:
     @property
     def running(self) -> bool:
         """Opened, and not closed yet."""
-        return self._disk_threads is not None
+        return self._running
 
     def in_disk_thread(self, function, *args) -> Deferred:
         """
@@ -158,8 +168,10 @@ class CacheStore:
         the reactor thread.  Fails with :class:`StoreClosed` once closed,
         and before :meth:`open`.
         """
-        if self._disk_threads is None:
+        if not self._running:
             return fail(StoreClosed("the cache is closed" if self.closed else "the cache is not open"))
+        if self._run_blocking is not None:
+            return self._run_blocking(function, *args)
         return deferToThreadPool(self._reactor, self._disk_threads, function, *args)
 
     def published(self, size: int) -> None:
