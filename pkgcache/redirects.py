@@ -150,7 +150,7 @@ class RedirectPolicyAgent:
                 return response
             # Reading a redirect's body could take for ever; closing its
             # connection costs at most a new one.
-            response.deliverBody(_Discard())
+            response.deliverBody(DiscardBody())
             if method not in _FOLLOWED_METHODS:
                 raise RedirectRefused(
                     f"redirect of a {method.decode('ascii', 'replace')} request"
@@ -196,7 +196,7 @@ class RedirectPolicyAgent:
         return text.encode("ascii")
 
 
-class _Discard(Protocol):
+class DiscardBody(Protocol):
     """Closes an unwanted body's connection instead of reading it."""
 
     def connectionMade(self) -> None:

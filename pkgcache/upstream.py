@@ -36,7 +36,7 @@ from zope.interface import implementer
 from pkgcache import __version__
 from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
-from pkgcache.redirects import RedirectPolicyAgent, RedirectRefused, allowed_origins
+from pkgcache.redirects import DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins
 from pkgcache.sources import AllSourcesFailed, Attempt, FailureKind, Source, SourceHealth
 from pkgcache.timers import IdleTimer
 
@@ -157,13 +157,6 @@ class _BodyReceiver(Protocol):
         self.transport.resumeProducing()
 
     def abort(self) -> None:
-        self.transport.stopProducing()
-
-
-class _Discard(Protocol):
-    """Closes an unwanted body's connection instead of reading it."""
-
-    def connectionMade(self) -> None:
         self.transport.stopProducing()
 
 
@@ -429,7 +422,7 @@ class UpstreamClient:
         problem = _check_response(upstream, offset, total_length, self.max_body_size)
         if problem is not None:
             if method != b"HEAD":
-                response.deliverBody(_Discard())
+                response.deliverBody(DiscardBody())
             raise problem
         return upstream
 

@@ -314,3 +314,9 @@ def test_documented_overrides_repeat_the_shipped_command_line():
         argv = shlex.split(command)
         assert Path(argv[0]).name == "twist"
         assert [word.replace("domain=INET:", "domain=INET6:") for word in argv[1:]] == shipped[1:]
+
+
+def test_the_service_may_hold_many_descriptors():
+    # A client holds a socket and a file: 1024 would be a few hundred clients.
+    limit = read_unit("pkgcache.service")["Service"]["LimitNOFILE"]
+    assert int(limit.split(":")[0]) >= 16384
