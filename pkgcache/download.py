@@ -396,6 +396,7 @@ class Downloads:
     ) -> None:
         self._store = store
         self._upstream = upstream
+        self.max_downloads = max_downloads
         self._slots = DeferredSemaphore(max_downloads if max_downloads else 2**31)
         self._by_key: dict[CacheKey, Download] = {}
         # Includes downloads no client can join any more (spool lost, or

@@ -67,6 +67,10 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--access-log", "/proc/x.log"], "--access-log: cannot write"),
         (["--source", "http://a/", "--max-cache-size", "lots"], "--max-cache-size: invalid size 'lots'"),
         (["--source", "http://a/", "--max-cache-size", "0"], "--max-cache-size: must be more than 0"),
+        (["--source", "http://a/", "--max-file-size", "big"], "--max-file-size: invalid size 'big'"),
+        (["--source", "http://a/", "--max-file-size", "0"], "--max-file-size: must be more than 0"),
+        (["--source", "http://a/", "--max-downloads", "0"], "--max-downloads: a whole number"),
+        (["--source", "http://a/", "--max-downloads", "many"], "--max-downloads: a whole number"),
     ],
 )
 def test_bad_options_are_usage_errors(args, message, tmp_path, monkeypatch):
@@ -106,4 +110,18 @@ def test_max_cache_size_is_parsed_and_wired(tmp_path):
     )
     assert options["max-cache-size"] == 1536 * 1024 * 1024
     assert makeService(options).cache.cache_limit.max_size == 1536 * 1024 * 1024
-    assert parse("--source", "http://a/", "--cache-dir", str(tmp_path))["max-cache-size"] is None
+    options = parse("--source", "http://a/", "--cache-dir", str(tmp_path))
+    assert options["max-cache-size"] is None
+    # No limit, no walk of the cache: nothing to keep it under.
+    assert makeService(options).cache.cache_limit is None
+
+
+def test_max_file_size_and_max_downloads_are_parsed_and_wired(tmp_path):
+    options = parse(
+        "--source", "http://a/", "--cache-dir", str(tmp_path),
+        "--max-file-size", "2G", "--max-downloads", "3",
+    )
+    assert (options["max-file-size"], options["max-downloads"]) == (2 * 1024**3, 3)
+    resource = makeService(options).resource
+    assert resource.upstream.max_body_size == 2 * 1024**3
+    assert resource.downloads.max_downloads == 3
