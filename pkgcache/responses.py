@@ -210,7 +210,7 @@ class BodyProducer:
         """
         Send a small body that is all there in one write, with no producer.
 
-        :return: whether it did.
+        :return: whether it did (nothing is sent otherwise).
         """
         source = self._source
         if not source.complete:
@@ -221,11 +221,20 @@ class BodyProducer:
         )
         if size > READ_SIZE:
             return False
-        self._request.write(b"".join(
-            piece if isinstance(piece, bytes)
-            else source.read(piece.start, _end(piece, source) - piece.start)
-            for piece in self._pieces
-        ))
+        parts = []
+        for piece in self._pieces:
+            if isinstance(piece, bytes):
+                parts.append(piece)
+                continue
+            # A download's read stops at a chunk's end, or at the spool's.
+            offset, end = piece.start, _end(piece, source)
+            while offset < end:
+                data = source.read(offset, end - offset)
+                if not data:
+                    return False
+                parts.append(data)
+                offset += len(data)
+        self._request.write(b"".join(parts))
         self._finish()
         return True
 
@@ -286,6 +295,7 @@ class BodyProducer:
             request.unregisterProducer()
         if not request.startedWriting:
             request.responseHeaders = Headers()
+            request.lastModified = None
             status, message = failure_response(reason)
             send_error(request, status, message)
         elif request.responseHeaders.hasHeader(b"content-length") or request.chunked:
