@@ -25,7 +25,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from pkgcache.interfaces import IByteSource, IFollower
-from pkgcache.ranges import UNSATISFIABLE, ByteRange, Multipart, requested_ranges
+from pkgcache.ranges import UNSATISFIABLE, Multipart, requested_ranges
 from pkgcache.sources import AllSourcesFailed
 from pkgcache.timers import IdleTimer
 from pkgcache.upstream import BodyFailed
