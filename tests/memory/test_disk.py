@@ -1,0 +1,69 @@
+"""
+When the disk falls behind or fails: the source is paused while too much
+waits in memory, and a download that cannot be spooled keeps streaming to
+its clients but is never published.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from twisted.internet.defer import fail, maybeDeferred
+
+from pkgcache.download import MEMORY_HIGH_WATER
+from tests.memory.conftest import A, HeldDisk, url
+
+MIB = 1024 * 1024
+CHUNK = bytes(range(256)) * 4096  # 1 MiB
+
+
+def test_a_source_is_paused_while_the_disk_is_behind(make_cache, network):
+    disk = HeldDisk()
+    cache = make_cache(run_blocking=disk, idle_timeout=30)
+    client = cache.get()
+    chunks = MEMORY_HIGH_WATER // MIB + 2
+    body = network.pending(url(A)).respond(length=chunks * MIB)
+    for _ in range(chunks - 1):
+        assert not body.paused
+        body.send(CHUNK)
+    assert body.paused, "past the high-water mark the source must be paused"
+    assert len(client.body) == (chunks - 1) * MIB, "clients still get what is in memory"
+    cache.advance(60)
+    assert not body.stopped, "a source paused by us is not timed out"
+    disk.run_all()
+    assert not body.paused
+    body.send(CHUNK)
+    disk.run_all()
+    assert client.complete and len(client.body) == chunks * MIB
+    assert cache.cached() == CHUNK * chunks
+
+
+def _no_space_for_writes(function, *args):
+    if function.__name__ == "_write_all":
+        return fail(OSError(errno.ENOSPC, "No space left on device"))
+    return maybeDeferred(function, *args)
+
+
+def test_a_full_disk_keeps_streaming_and_publishes_nothing(make_cache, network):
+    cache = make_cache(run_blocking=_no_space_for_writes)
+    client = cache.get()
+    body = network.pending(url(A)).respond(length=2 * MIB)
+    body.send(CHUNK)
+    # A new client does not join a download that cannot be cached.
+    other = cache.get()
+    assert len(network.requests) == 2
+    body.send(CHUNK)
+    assert (client.body, client.complete) == (CHUNK * 2, True)
+    assert cache.cached() is None and cache.spools() == []
+    network.pending(url(A)).serve(CHUNK)
+    assert other.complete
+
+
+def test_a_download_nobody_follows_that_cannot_be_cached_stops(make_cache, network):
+    cache = make_cache(run_blocking=_no_space_for_writes)
+    client = cache.get()
+    body = network.pending(url(A)).respond(length=2 * MIB)
+    body.send(CHUNK)
+    cache.disconnect(client)
+    assert body.stopped
+    assert cache.spools() == []
