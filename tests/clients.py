@@ -156,3 +156,71 @@ def multipart_parts(content_type: bytes, body: bytes) -> list[tuple[bytes, bytes
         )
         parts.append((headers[b"Content-Range"], data))
     return parts
+
+
+class RawConnection(Protocol):
+    """
+    A connection that sends its request as is and stays open until the
+    server closes it or the test hangs up: a client that leaves at the
+    moment the test chooses (see :func:`open_raw`).
+
+    :ivar received: everything the server has sent so far.
+    :ivar closed: fires with everything received once the connection is gone.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self._request = request
+        self.received = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(self.received)
+
+    def hang_up(self) -> "Deferred[bytes]":
+        """Drop the connection (if the server has not): fires once it is gone."""
+        if not self.closed.called:
+            self.transport.abortConnection()
+        return self.closed
+
+
+async def open_raw(url: str, request: bytes, timeout: float = 10.0) -> RawConnection:
+    """Connect to ``url`` (``http://host:port``) and send ``request``."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    host, port = url.split("//", 1)[1].rstrip("/").split(":")
+    endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=timeout)
+    return await connectProtocol(endpoint, RawConnection(request))
+
+
+async def within(seconds: float, waiting, failure: str):
+    """
+    The result of ``waiting`` (a Deferred or a coroutine), which must come
+    within ``seconds``, else ``AssertionError(failure)``: for an event the
+    test has made sure can come (a held origin, say), where its never
+    coming is the bug, so that the test says so instead of hanging until
+    the suite's timeout.
+    """
+    waited = waiting if isinstance(waiting, Deferred) else Deferred.fromCoroutine(waiting)
+    expired: list = []
+
+    def expire() -> None:
+        expired.append(True)
+        waited.cancel()
+
+    timer = reactor.callLater(seconds, expire)
+    try:
+        return await waited
+    except Exception:
+        # Cancelling shows in many forms (an Agent's ResponseNeverReceived...).
+        if expired:
+            raise AssertionError(failure) from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()

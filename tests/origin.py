@@ -11,11 +11,49 @@ from dataclasses import dataclass
 from typing import Optional
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 _RANGE = re.compile(rb"^bytes=(\d+)-(\d*)$")
+
+
+class Gate:
+    """
+    Holds back what an origin sends until the test opens it, so that a test
+    can arrange what it needs (clients joined, a request seen) while the
+    download cannot move on, instead of hoping a slow origin leaves it time.
+
+    Used as ``OriginFile.gate``: alone, every answer waits at the gate
+    before its headers; with ``OriginFile.pause_at``, the headers and that
+    many bytes of the body are sent, then the rest waits.  Once open, a
+    gate stays open (later requests pass straight through).
+
+    :ivar reached: how many answers have come to the gate (and, while it
+        was closed, waited there).
+    """
+
+    def __init__(self) -> None:
+        self.is_open = False
+        self.reached = 0
+        self._waiting: list[Deferred[None]] = []
+
+    def open(self) -> None:
+        """Let everything held, and everything to come, through."""
+        self.is_open = True
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def passed(self) -> "Deferred[None]":
+        """Fires once the gate is open (at once, if it is)."""
+        self.reached += 1
+        if self.is_open:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
 
 
 @dataclass
@@ -38,6 +76,12 @@ class OriginFile:
     :ivar delay: seconds to wait before answering.
     :ivar short_ranges: answer a range request with a ``Content-Range`` to
         the end of the file but only this many bytes (a lying mirror).
+    :ivar gate: a :class:`Gate` that holds each answer, headers and all,
+        until the test opens it; with ``pause_at``, only the body from that
+        byte on.
+    :ivar pause_at: with ``gate``: send the headers and this many bytes of
+        the body (counted like ``close_at``), then wait for the gate; the
+        rest, up to ``close_at``/``stall_at`` if set, follows once it opens.
     """
 
     data: bytes = b""
@@ -53,6 +97,8 @@ class OriginFile:
     content_type: Optional[bytes] = b"application/octet-stream"
     delay: float = 0.0
     short_ranges: Optional[int] = None
+    gate: Optional[Gate] = None
+    pause_at: Optional[int] = None
 
 
 class Origin(Resource):
@@ -88,7 +134,11 @@ class Origin(Resource):
         self._track(request)
         if spec.hang:
             return NOT_DONE_YET
-        if spec.delay:
+        if spec.gate is not None and spec.pause_at is None:
+            spec.gate.passed().addCallback(
+                lambda _: self._answer(request, spec, range_header)
+            )
+        elif spec.delay:
             timer = reactor.callLater(spec.delay, self._answer, request, spec, range_header)
             self._timers.add(timer)
         else:
@@ -140,11 +190,17 @@ class Origin(Resource):
             return
         if spec.stall_at is not None and sent >= spec.stall_at:
             return
+        pausing = spec.gate is not None and spec.pause_at is not None and not spec.gate.is_open
+        if pausing and sent >= spec.pause_at:
+            spec.gate.passed().addCallback(
+                lambda _: self._send(request, spec, first, offset, end)
+            )
+            return
         if offset >= end:
             request.finish()
             return
         limit = end
-        for cut in (spec.close_at, spec.stall_at):
+        for cut in (spec.close_at, spec.stall_at, spec.pause_at if pausing else None):
             if cut is not None:
                 limit = min(limit, first + cut)
         chunk = spec.data[offset : min(offset + spec.chunk_size, limit)]

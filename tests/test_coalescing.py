@@ -11,13 +11,20 @@ import shutil
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.filepath import FilePath
 
+from pkgcache.download import DownloadState
 from pkgcache.paths import cache_key_from_postpath
-from tests.clients import SmallBufferClient, multipart_parts, sha256, start_reading
-from tests.conftest import fetch, raw_request, sleep, wait_for
-from tests.origin import refused_url
+from pkgcache.sources import Source
+from pkgcache.store import CacheStore
+from pkgcache.upstream import UpstreamClient
+from tests.clients import SmallBufferClient, multipart_parts, sha256, start_reading, within
+from tests.conftest import fetch, raw_request, wait_for
+from tests.origin import Gate, refused_url
 
 PATH = "/distfiles/big-1.0.tar.xz"
 KEY = cache_key_from_postpath([b"distfiles", b"big-1.0.tar.xz"])
@@ -27,12 +34,22 @@ def in_flight(proxy):
     return proxy.resource.downloads.in_flight(KEY)
 
 
+def followers(proxy) -> int:
+    """How many clients follow the download of ``PATH`` (0: none running)."""
+    download = in_flight(proxy)
+    return 0 if download is None else len(download.followers)
+
+
 @pytest_twisted.ensureDeferred
 async def test_twenty_concurrent_clients_one_upstream_request(origin, make_proxy, http):
     data = os.urandom(1_000_000)
-    origin.add(PATH, data, rate=2_000_000)
+    gate = Gate()
+    # The origin holds the body after its first bytes until all twenty follow.
+    origin.add(PATH, data, gate=gate, pause_at=100_000)
     proxy = make_proxy([origin.url])
     readers = [await start_reading(http, proxy.url + PATH) for _ in range(20)]
+    assert followers(proxy) == 20
+    gate.open()
     bodies = await DeferredList([reader.done for _, reader in readers], fireOnOneErrback=True)
     assert [sha256(body) for _, body in bodies] == [sha256(data)] * 20
     assert all(response.code == 200 for response, _ in readers)
@@ -43,15 +60,19 @@ async def test_twenty_concurrent_clients_one_upstream_request(origin, make_proxy
 @pytest_twisted.ensureDeferred
 async def test_client_joining_half_way_gets_everything_without_waiting(origin, make_proxy, http):
     data = os.urandom(1_000_000)
-    origin.add(PATH, data, rate=1_000_000)
+    gate = Gate()
+    origin.add(PATH, data, gate=gate, pause_at=500_000)
     proxy = make_proxy([origin.url])
     _, first = await start_reading(http, proxy.url + PATH)
-    await wait_for(lambda: in_flight(proxy) is not None and in_flight(proxy).received >= 500_000)
+    await wait_for(lambda: in_flight(proxy) is not None and in_flight(proxy).received == 500_000)
 
-    _, late = await start_reading(http, proxy.url + PATH)
-    await late.first_byte
-    assert not proxy.cached(PATH).exists(), "the late joiner waited for the whole download"
+    # The rest of the file comes only once the late joiner has its first byte.
+    waited = "the late joiner waited for the whole download"
+    _, late = await within(10, start_reading(http, proxy.url + PATH), waited)
+    await within(10, late.first_byte, waited)
+    assert not proxy.cached(PATH).exists(), waited
     assert in_flight(proxy).received < len(data)
+    gate.open()
     assert await late.done == data
     assert await first.done == data
     assert origin.count(PATH) == 1
@@ -60,20 +81,29 @@ async def test_client_joining_half_way_gets_everything_without_waiting(origin, m
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_holds_back_neither_download_nor_fast_reader(origin, make_proxy, http):
     data = os.urandom(24 * 1024 * 1024)
-    origin.add(PATH, data, chunk_size=256 * 1024)
+    gate = Gate()
+    # Held after its first megabyte until both clients follow the download.
+    origin.add(PATH, data, chunk_size=256 * 1024, gate=gate, pause_at=1024 * 1024)
     proxy = make_proxy([origin.url])
     slow = SmallBufferClient(proxy.url + PATH)
     try:
-        await slow.read_at(1_000_000, until=lambda: in_flight(proxy) is not None)
+        await wait_for(lambda: followers(proxy) == 1)
         _, fast = await start_reading(http, proxy.url + PATH)
+        assert followers(proxy) == 2
+        gate.open()
+        # The slow reader reads at 1 MB/s, and takes at most 4 MiB before
+        # the fast reader is done: it stays far behind however long the
+        # download takes, and if the download or the fast reader waited
+        # for it, they would never end.
+        most = 4 * 1024 * 1024
         reading_slowly = Deferred.fromCoroutine(
-            slow.read_at(1_000_000, until=lambda: fast.done.called)
+            slow.read_at(1_000_000, until=lambda: fast.done.called or len(slow.body) >= most)
         )
+        await wait_for(lambda: fast.done.called, timeout=30)
         assert sha256(await fast.done) == sha256(data)
         await reading_slowly
         assert await proxy.published(PATH) == data
-        # The slow reader is far behind (it has about a second's worth):
-        # neither the download nor the fast reader waited for it.
+        # Neither the download nor the fast reader waited for it.
         assert len(slow.body) < len(data) // 3
         assert sha256(await slow.read_to_end()) == sha256(data)
     finally:
@@ -84,14 +114,21 @@ async def test_slow_reader_holds_back_neither_download_nor_fast_reader(origin, m
 @pytest_twisted.ensureDeferred
 async def test_download_completes_after_every_client_left(origin, make_proxy, http):
     data = os.urandom(1_000_000)
-    origin.add(PATH, data, rate=1_000_000)
+    gate = Gate()
+    # Held after its first bytes until every client has left.
+    origin.add(PATH, data, gate=gate, pause_at=100_000)
     proxy = make_proxy([origin.url])
     readers = [await start_reading(http, proxy.url + PATH) for _ in range(3)]
+    download = in_flight(proxy)
+    assert len(download.followers) == 3
     for _, reader in readers:
         await reader.first_byte
         reader.hang_up()
-    await wait_for(lambda: not in_flight(proxy).followers)
-    assert not in_flight(proxy).finished.called, "the download stopped with its clients"
+    await wait_for(lambda: not download.followers)
+    assert download.state is DownloadState.RECEIVING, "the download stopped with its clients"
+    assert not download.finished.called
+    assert in_flight(proxy) is download
+    gate.open()
     assert await proxy.published(PATH) == data
     assert origin.count(PATH) == 1
     response, body = await fetch(http, proxy.url + PATH)
@@ -101,7 +138,9 @@ async def test_download_completes_after_every_client_left(origin, make_proxy, ht
 @pytest_twisted.ensureDeferred
 async def test_range_on_a_miss_is_served_from_the_shared_download(origin, make_proxy, http):
     data = os.urandom(1_000_000)
-    origin.add(PATH, data, rate=2_000_000)
+    gate = Gate()
+    # Held after 50 bytes, short of every range, until all five follow.
+    origin.add(PATH, data, gate=gate, pause_at=50)
     proxy = make_proxy([origin.url])
     ranges = {
         b"bytes=0-99": data[:100],
@@ -110,11 +149,17 @@ async def test_range_on_a_miss_is_served_from_the_shared_download(origin, make_p
         b"bytes=999990-": data[999_990:],
         b"bytes=999990-2000000": data[999_990:],
     }
-    answers = [
-        (wanted, await start_reading(http, proxy.url + PATH, headers={b"range": [header]}))
+    # Most answers start only once their bytes arrive: ask all at once.
+    asking = [
+        (wanted, Deferred.fromCoroutine(
+            start_reading(http, proxy.url + PATH, headers={b"range": [header]})
+        ))
         for header, wanted in ranges.items()
     ]
-    for wanted, (response, reader) in answers:
+    await wait_for(lambda: followers(proxy) == len(ranges))
+    gate.open()
+    for wanted, answer in asking:
+        response, reader = await answer
         assert response.code == 206
         assert await reader.done == wanted
         start = data.find(wanted)
@@ -186,7 +231,7 @@ async def test_curl_range_on_miss_and_hit(origin, make_proxy):
 
 
 @pytest_twisted.ensureDeferred
-async def test_head_on_a_miss_asks_the_sources_and_caches_nothing(origins, make_proxy):
+async def test_head_on_a_miss_asks_the_sources_and_caches_nothing(origins, make_proxy, http):
     broken, good = origins(), origins()
     broken.add(PATH, status=500)
     good.add(PATH, b"x" * 12345, headers={b"content-type": b"application/x-xz"})
@@ -197,9 +242,15 @@ async def test_head_on_a_miss_asks_the_sources_and_caches_nothing(origins, make_
     assert b"\r\nContent-Type: application/x-xz\r\n" in answer
     assert answer.endswith(b"\r\n\r\n")
     assert (good.count(PATH, b"HEAD"), good.count(PATH)) == (1, 0)
-    await sleep(0.05)
+    # The answer is complete: had the HEAD started a download to cache the
+    # file, it would be running now (they start before any answer).
+    assert len(proxy.resource.downloads) == 0
     assert not proxy.cached(PATH).exists()
     assert proxy.spools() == []
+    # And a GET next is a miss: nothing was stored.
+    response, body = await fetch(http, proxy.url + PATH)
+    assert (response.code, len(body)) == (200, 12345)
+    assert good.count(PATH) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -211,17 +262,32 @@ async def test_head_on_a_miss_for_a_missing_file_is_404(origin, make_proxy):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_stops_reading_is_dropped(origin, make_proxy, http):
+async def test_a_client_that_stops_reading_is_dropped(origin, make_proxy, http, tmp_path):
     data = os.urandom(24 * 1024 * 1024)
-    origin.add(PATH, data, chunk_size=256 * 1024)
-    proxy = make_proxy([origin.url], client_stall_timeout=0.5)
+    gate = Gate()
+    origin.add(PATH, data, chunk_size=256 * 1024, gate=gate, pause_at=256 * 1024)
+    # The stall limit runs on a clock of its own; the network and the disk
+    # on the reactor.
+    clock = Clock()
+    cache_dir = FilePath(str(tmp_path)).child("cache")
+    proxy = make_proxy(
+        [], cache_dir=cache_dir, reactor=clock, client_stall_timeout=0.5,
+        store=CacheStore(cache_dir, reactor),
+        upstream=UpstreamClient([Source(origin.url)], reactor),
+    )
     stuck = SmallBufferClient(proxy.url + PATH)
     try:
-        await wait_for(lambda: stuck.read(1) > 0 or in_flight(proxy) is not None)
+        await wait_for(lambda: followers(proxy) == 1)
         download = in_flight(proxy)
-        # ...and it reads nothing more.
-        await wait_for(lambda: not download.followers)
+        gate.open()
+        # It reads nothing more: the whole file is published meanwhile, and
+        # its connection fills up, so pkgcache stops sending and starts
+        # counting its stall.
         assert await proxy.published(PATH) == data
+        await wait_for(lambda: clock.getDelayedCalls())
+        assert download.followers, "dropped before its stall limit"
+        clock.advance(0.5)
+        await wait_for(lambda: not download.followers)
         body = await stuck.read_to_end()
     finally:
         stuck.close()

@@ -7,25 +7,37 @@ full; two processes sharing one cache directory.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import subprocess
-import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.web.client import ResponseFailed
 
-from pkgcache.download import MEMORY_HIGH_WATER
+from pkgcache.accesslog import AccessLog
+from pkgcache.download import MEMORY_HIGH_WATER, DownloadState
 from pkgcache import spool
+from pkgcache.metrics import Metrics
 from pkgcache.responses import READ_SIZE
-from tests.clients import sha256, start_reading
-from tests.conftest import fetch, raw_request, sleep, wait_for
+from pkgcache.sources import Source
+from pkgcache.upstream import UpstreamClient
+from tests.clients import open_raw, sha256, start_reading
+from tests.conftest import fetch, sleep, wait_for
+from tests.origin import Gate
 from tests.test_coalescing import PATH, in_flight
 
 DATA = os.urandom(1_000_000)
+
+
+def _upstream(urls, clock: Clock, **options) -> UpstreamClient:
+    """A client for the sources at ``urls`` whose timers and back-off run on ``clock``."""
+    return UpstreamClient([Source(url) for url in urls], reactor, clock=clock, **options)
 
 
 @pytest_twisted.ensureDeferred
@@ -45,8 +57,15 @@ async def test_resume_after_a_stall(origins, make_proxy, http):
     stalling, resuming = origins(), origins()
     stalling.add(PATH, DATA, stall_at=400_000)
     resuming.add(PATH, DATA)
-    proxy = make_proxy([stalling.url, resuming.url], idle_timeout=0.5)
+    clock = Clock()
+    upstream = _upstream([stalling.url, resuming.url], clock, idle_timeout=0.5)
+    proxy = make_proxy([], upstream=upstream)
     _, reader = await start_reading(http, proxy.url + PATH)
+    download = in_flight(proxy)
+    # Everything the stalling source will send has come: then its silence
+    # outlasts the idle timeout.
+    await wait_for(lambda: download.received == 400_000)
+    clock.advance(0.5)
     assert sha256(await reader.done) == sha256(DATA)
     assert resuming.origin.requests == [(b"GET", PATH, b"bytes=400000-")]
 
@@ -54,13 +73,20 @@ async def test_resume_after_a_stall(origins, make_proxy, http):
 @pytest_twisted.ensureDeferred
 async def test_every_client_cut_off_when_no_source_can_resume(origins, make_proxy, http):
     dropping, no_ranges, other_file = origins(), origins(), origins()
-    # Slow enough that all three clients join before it breaks off; it is
-    # asked last to resume (it broke off), and cannot.
-    dropping.add(PATH, DATA, close_at=300_000, rate=1_000_000, ranges=False)
+    # Holds its body after 100 kB until all three clients follow the
+    # download, then breaks off at 300 kB; it is asked last to resume (it
+    # broke off), and cannot.
+    gate = Gate()
+    dropping.add(PATH, DATA, close_at=300_000, ranges=False, gate=gate, pause_at=100_000)
     no_ranges.add(PATH, DATA, ranges=False)
     other_file.add(PATH, DATA + b"longer")  # ranges, but not the same file
-    proxy = make_proxy([dropping.url, no_ranges.url, other_file.url])
+    # The back-off runs on a clock that stands still.
+    proxy = make_proxy(
+        [], upstream=_upstream([dropping.url, no_ranges.url, other_file.url], Clock())
+    )
     readers = [await start_reading(http, proxy.url + PATH) for _ in range(3)]
+    assert len(in_flight(proxy).followers) == 3
+    gate.open()
     results = await DeferredList([reader.done for _, reader in readers], consumeErrors=True)
     for succeeded, result in results:
         assert not succeeded and result.check(ResponseFailed)
@@ -69,7 +95,7 @@ async def test_every_client_cut_off_when_no_source_can_resume(origins, make_prox
     assert other_file.origin.requests == [(b"GET", PATH, b"bytes=300000-")]
 
     # The next request starts afresh (from the second source: the first
-    # broke off, so it is skipped for a while).
+    # broke off, so it is asked last while its back-off lasts).
     response, body = await fetch(http, proxy.url + PATH)
     assert body == DATA
     assert no_ranges.origin.requests[-1] == (b"GET", PATH, None)
@@ -106,14 +132,18 @@ async def test_full_disk_keeps_streaming_to_attached_clients(
     origin, make_proxy, http, tiny_filesystem
 ):
     data = os.urandom(12 * 1024 * 1024)
-    # 1 MiB fills in 125 ms at this rate: time for both clients to join.
-    origin.add(PATH, data, chunk_size=256 * 1024, rate=8_000_000)
+    # The source sends 256 KiB (the disk is not full yet), then holds the
+    # rest until both clients follow the download; then twice as fast as
+    # the slow reader reads.
+    gate = Gate()
+    origin.add(PATH, data, chunk_size=256 * 1024, rate=8_000_000, gate=gate, pause_at=256 * 1024)
     origin.add("/small", b"small file")
     proxy = make_proxy([origin.url], cache_dir=tiny_filesystem.child("cache"))
     _, slow = await start_reading(http, proxy.url + PATH, rate=4_000_000)
     download = in_flight(proxy)
     _, fast = await start_reading(http, proxy.url + PATH)
     assert len(download.followers) == 2
+    gate.open()
 
     largest_buffer = 0
     while not fast.done.called:
@@ -136,7 +166,9 @@ async def test_full_disk_keeps_streaming_to_attached_clients(
 
 @pytest_twisted.ensureDeferred
 async def test_two_processes_on_one_cache_dir(origin, make_proxy, http, tmp_path):
-    origin.add(PATH, DATA, rate=3_000_000)
+    # Each download holds after 300 kB until both are under way.
+    gate = Gate()
+    origin.add(PATH, DATA, gate=gate, pause_at=300_000)
     shared = FilePath(str(tmp_path)).child("shared")
     first = make_proxy([origin.url], cache_dir=shared)
     _, early = await start_reading(http, first.url + PATH)
@@ -144,7 +176,10 @@ async def test_two_processes_on_one_cache_dir(origin, make_proxy, http, tmp_path
     # A second server starting on the same directory sweeps stale spools:
     # it must leave the first one's live spool alone.
     second = make_proxy([origin.url], cache_dir=shared)
+    assert len(first.spools()) == 1
     _, late = await start_reading(http, second.url + PATH)
+    assert origin.count(PATH) == 2
+    gate.open()
     assert sha256(await early.done) == sha256(DATA)
     assert sha256(await late.done) == sha256(DATA)
     assert await first.published(PATH) == DATA
@@ -174,7 +209,8 @@ async def test_a_resume_that_stops_short_is_never_published(
 
 @pytest_twisted.ensureDeferred
 async def test_shutdown_mid_download_cuts_clients_and_publishes_nothing(origin, make_proxy, http):
-    origin.add(PATH, DATA, rate=500_000)
+    # The rest of the body never comes: the download is mid-way at shutdown.
+    origin.add(PATH, DATA, gate=Gate(), pause_at=100_000)
     proxy = make_proxy([origin.url])
     _, reader = await start_reading(http, proxy.url + PATH)
     await reader.first_byte
@@ -206,24 +242,42 @@ async def test_shutdown_while_waiting_for_headers(origins, make_proxy, http):
 async def test_a_client_arriving_as_a_download_fails_starts_afresh(
     origin, make_proxy, http, monkeypatch
 ):
-    # A slow disk: a failed download takes a while to wind down.
-    original = spool._write_all
+    # A failed download winds down (removes its spool, on a slow disk
+    # perhaps) after it has failed: here that waits until the test lets it
+    # go, so the next client surely comes meanwhile.
+    original_discard = spool.SpoolWriter.discard
+    winding_down: list = []
+    let_go: Deferred[None] = Deferred()
 
-    def slow_write_all(fd, chunks):
-        time.sleep(0.05)
-        return original(fd, chunks)
+    async def held_discard(self):
+        if not winding_down:
+            winding_down.append(self)
+            await let_go
+        await original_discard(self)
 
-    monkeypatch.setattr(spool, "_write_all", slow_write_all)
-    origin.add(PATH, DATA, close_at=300_000, ranges=False)
+    monkeypatch.setattr(spool.SpoolWriter, "discard", held_discard)
+    gate = Gate()
+    origin.add(PATH, DATA, close_at=300_000, ranges=False, gate=gate, pause_at=100_000)
     proxy = make_proxy([origin.url])
-    _, first = await start_reading(http, proxy.url + PATH)
-    await wait_for(lambda: in_flight(proxy) is None or in_flight(proxy).failure is not None)
-    origin.add(PATH, DATA)
-    response, body = await fetch(http, proxy.url + PATH)
-    assert (response.code, body) == (200, DATA)
+    try:
+        _, first = await start_reading(http, proxy.url + PATH)
+        failing = in_flight(proxy)
+        gate.open()  # it breaks off at 300 kB
+        await wait_for(lambda: winding_down)
+        assert failing.state is DownloadState.FAILED
+        assert not failing.finished.called
+        assert in_flight(proxy) is None
+        origin.add(PATH, DATA)
+        response, body = await fetch(http, proxy.url + PATH)
+        assert (response.code, body) == (200, DATA)
+        assert not failing.finished.called, "the new client came after the wind-down"
+    finally:
+        if not let_go.called:
+            let_go.callback(None)
     with pytest.raises(ResponseFailed):
         await first.done
     assert await proxy.published(PATH) == DATA
+    await failing.finished
 
 
 @pytest_twisted.ensureDeferred
@@ -238,12 +292,29 @@ async def test_http10_client_without_length_sees_an_error(origin, make_proxy):
 
 @pytest_twisted.ensureDeferred
 async def test_head_miss_client_leaving_early_is_quiet(origin, make_proxy):
-    origin.add(PATH, DATA, delay=0.3)
-    proxy = make_proxy([origin.url])
-    answer = await raw_request(proxy.url, b"HEAD %s HTTP/1.0\r\n\r\n" % PATH.encode(), timeout=0.05)
+    # The source holds its answer until the client has left.
+    gate = Gate()
+    origin.add(PATH, DATA, gate=gate)
+    log = io.BytesIO()
+    metrics = Metrics()
+    proxy = make_proxy([origin.url], metrics=metrics, access_log=AccessLog(log, reactor))
+    client = await open_raw(proxy.url, b"HEAD %s HTTP/1.0\r\n\r\n" % PATH.encode())
+    try:
+        await wait_for(lambda: origin.count(PATH, b"HEAD") == 1)
+    finally:
+        answer = await client.hang_up()
     assert answer == b""
-    await wait_for(lambda: origin.count(PATH, b"HEAD") == 1)
-    await sleep(0.4)  # the source answers after the client left: no error
+    # pkgcache has seen the client go: its request is logged, dropped.
+    await wait_for(lambda: log.getvalue().endswith(b" dropped\n"))
+    gate.open()
+    # The source answers after the client left: once pkgcache has its
+    # answer (counted as it arrives, and the HEAD is handled at once), no
+    # error was logged and nothing more was written.
+    answered = lambda: metrics.registry.get_sample_value(  # noqa: E731
+        "pkgcache_upstream_requests_total", {"source": origin.url, "status": "200"}
+    )
+    await wait_for(lambda: answered() == 1)
+    assert log.getvalue().count(b"\n") == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -259,11 +330,16 @@ async def test_disk_write_error_keeps_streaming(origin, make_proxy, http, monkey
         return written[-1]
 
     monkeypatch.setattr(spool, "_write_all", failing_write_all)
-    origin.add(PATH, DATA, rate=2_000_000)
+    # Held after 100 kB (before the disk fails) until both clients follow.
+    gate = Gate()
+    origin.add(PATH, DATA, gate=gate, pause_at=100_000)
     proxy = make_proxy([origin.url])
     readers = [await start_reading(http, proxy.url + PATH) for _ in range(2)]
+    assert len(in_flight(proxy).followers) == 2
+    gate.open()
     for _, reader in readers:
         assert sha256(await reader.done) == sha256(DATA)
     await wait_for(lambda: in_flight(proxy) is None)
     assert not proxy.cached(PATH).exists()
     assert proxy.spools() == []
+    assert origin.count(PATH) == 1

@@ -18,9 +18,11 @@ from twisted.web.client import ResponseFailed
 from pkgcache.accesslog import AccessLog
 from pkgcache.metrics import Metrics
 from pkgcache.service import QuietSite
+from pkgcache.sources import Source
+from pkgcache.upstream import UpstreamClient
 from tests.clients import start_reading
 from tests.conftest import fetch, raw_request, wait_for
-from tests.origin import refused_url
+from tests.origin import Gate, refused_url
 
 DATA = os.urandom(200_000)
 
@@ -45,20 +47,30 @@ async def scrape(http, metrics: Metrics) -> dict:
 @pytest_twisted.ensureDeferred
 async def test_metrics_after_hits_misses_coalesced_errors_and_failovers(origin, make_proxy, http):
     origin.add("/a", DATA)
-    origin.add("/b", DATA, rate=1_000_000)
+    # /b is held after its first bytes until the test has seen it in flight
+    # with both its clients.
+    gate = Gate()
+    origin.add("/b", DATA, gate=gate, pause_at=50_000)
     origin.add("/broken", status=500)
     dead = refused_url()
     metrics = Metrics()
-    proxy = make_proxy([dead, origin.url], metrics=metrics)
+    # The dead source's back-off runs on a clock that stands still.
+    upstream = UpstreamClient(
+        [Source(dead), Source(origin.url)], reactor, clock=Clock(), metrics=metrics
+    )
+    proxy = make_proxy([], upstream=upstream, metrics=metrics)
 
     await fetch(http, proxy.url + "/a")  # miss, after failing over from the dead source
     await proxy.published("/a")
     await fetch(http, proxy.url + "/a")  # hit
     first, second = [await start_reading(http, proxy.url + "/b") for _ in range(2)]
     samples_during = await scrape(http, metrics)
+    gate.open()
     await DeferredList([first[1].done, second[1].done], fireOnOneErrback=True)
     await fetch(http, proxy.url + "/missing")  # error: 404 everywhere
     await proxy.published("/b")
+    # Every download is over (published and spool closed), not merely its file there.
+    await wait_for(lambda: len(proxy.resource.downloads) == 0)
 
     samples = await scrape(http, metrics)
     assert samples_during[("pkgcache_downloads_in_flight",)] == 1

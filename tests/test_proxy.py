@@ -13,15 +13,26 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.web.client import ResponseFailed, readBody
 from twisted.web.http import datetimeToString
 
+from pkgcache.download import DownloadState
 from pkgcache.paths import CacheKey
-from tests.conftest import fetch, raw_request, sleep, wait_for
-from tests.origin import refused_url
+from pkgcache.sources import Source
+from pkgcache.upstream import UpstreamClient
+from tests.clients import within
+from tests.conftest import fetch, raw_request, wait_for
+from tests.origin import Gate, refused_url
 
 FILE = os.urandom(300_000)
 PATH = "/distfiles/ab/foo-1.2.tar.gz"
+KEY = CacheKey(("distfiles", "ab", "foo-1.2.tar.gz"))
+
+
+def _upstream(urls, clock: Clock, **options) -> UpstreamClient:
+    """A client for the sources at ``urls`` whose timers and back-off run on ``clock``."""
+    return UpstreamClient([Source(url) for url in urls], reactor, clock=clock, **options)
 
 
 @pytest_twisted.ensureDeferred
@@ -56,10 +67,15 @@ async def test_failover_past_refused_500_404_and_silent_sources(origins, make_pr
     broken.add(PATH, status=500)
     silent.add(PATH, hang=True)
     good.add(PATH, FILE)
-    proxy = make_proxy(
-        [refused_url(), broken.url, missing.url, silent.url, good.url], idle_timeout=0.5
-    )
-    response, body = await fetch(http, proxy.url + PATH)
+    clock = Clock()
+    proxy = make_proxy([], upstream=_upstream(
+        [refused_url(), broken.url, missing.url, silent.url, good.url], clock, idle_timeout=0.5
+    ))
+    answer = Deferred.fromCoroutine(fetch(http, proxy.url + PATH))
+    # The silent source has the request: the idle timeout passes.
+    await wait_for(lambda: silent.count(PATH) == 1)
+    clock.advance(0.5)
+    response, body = await answer
     assert (response.code, body) == (200, FILE)
     assert [s.count(PATH) for s in (broken, missing, silent, good)] == [1, 1, 1, 1]
     assert await proxy.published(PATH) == FILE
@@ -126,8 +142,12 @@ async def test_mixed_failures_give_502(origins, make_proxy, http):
 async def test_every_source_timing_out_gives_504(origins, make_proxy, http):
     silent = origins()
     silent.add(PATH, hang=True)
-    proxy = make_proxy([silent.url], idle_timeout=0.3)
-    response, body = await fetch(http, proxy.url + PATH)
+    clock = Clock()
+    proxy = make_proxy([], upstream=_upstream([silent.url], clock, idle_timeout=0.3))
+    answer = Deferred.fromCoroutine(fetch(http, proxy.url + PATH))
+    await wait_for(lambda: silent.count(PATH) == 1)
+    clock.advance(0.3)
+    response, body = await answer
     assert response.code == 504
     assert b"timed out" in body
     assert not proxy.cached(PATH).exists()
@@ -165,14 +185,19 @@ class _FirstChunk(Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_client_gets_first_bytes_while_download_runs(origin, make_proxy, http):
-    origin.add(PATH, FILE, rate=200_000)  # 1.5 s for the whole file
+    # The rest of the file comes only once the client has its first bytes.
+    gate = Gate()
+    origin.add(PATH, FILE, gate=gate, pause_at=100_000)
     proxy = make_proxy([origin.url])
-    response = await http.request("GET", proxy.url + PATH)
+    response = await within(10, http.request("GET", proxy.url + PATH),
+                            "the headers only came after the download")
     receiver = _FirstChunk()
     response.deliverBody(receiver)
-    first = await receiver.first
+    waited = "first bytes only came after the download"
+    first = await within(10, receiver.first, waited)
     assert FILE.startswith(first)
-    assert not proxy.cached(PATH).exists(), "first bytes only came after the download"
+    assert not proxy.cached(PATH).exists(), waited
+    gate.open()
     await wait_for(lambda: proxy.cached(PATH).exists())
 
 
@@ -188,11 +213,19 @@ async def test_client_gets_first_bytes_while_download_runs(origin, make_proxy, h
 @pytest_twisted.ensureDeferred
 async def test_cut_body_drops_the_client_and_caches_nothing(origin, make_proxy, http, failure):
     origin.add(PATH, FILE, ranges=False, **failure)
-    proxy = make_proxy([origin.url], idle_timeout=0.5)
+    clock = Clock()
+    proxy = make_proxy([], upstream=_upstream([origin.url], clock, idle_timeout=0.5))
     response = await http.request("GET", proxy.url + PATH)
     assert response.code == 200
+    reading = readBody(response)
+    if "stall_at" in failure:
+        # All the source will send has come: then its silence outlasts the
+        # idle timeout.
+        download = proxy.resource.downloads.in_flight(KEY)
+        await wait_for(lambda: download.received == failure["stall_at"])
+        clock.advance(0.5)
     try:
-        await readBody(response)
+        await reading
     except ResponseFailed:
         pass
     else:
@@ -212,13 +245,19 @@ async def test_chunked_body_without_length_is_cached(origin, make_proxy, http):
 
 @pytest_twisted.ensureDeferred
 async def test_vanished_client_does_not_abort_download(origin, make_proxy, http):
-    origin.add(PATH, FILE, rate=300_000)
+    # The rest of the file comes only once pkgcache has seen the client go.
+    gate = Gate()
+    origin.add(PATH, FILE, gate=gate, pause_at=100_000)
     proxy = make_proxy([origin.url])
     response = await http.request("GET", proxy.url + PATH)
     receiver = _FirstChunk()
     response.deliverBody(receiver)
     await receiver.first
+    download = proxy.resource.downloads.in_flight(KEY)
     receiver.transport.stopProducing()  # the client hangs up
+    await wait_for(lambda: not download.followers)
+    assert download.state is DownloadState.RECEIVING
+    gate.open()
     assert await proxy.published(PATH) == FILE
     assert origin.count(PATH) == 1
 
@@ -346,7 +385,9 @@ async def test_name_below_a_cached_file_is_not_cached(origin, make_proxy, http):
 
 @pytest_twisted.ensureDeferred
 async def test_spools_are_never_served(origin, make_proxy, http):
-    origin.add(PATH, FILE, rate=300_000)
+    # The download stays mid-way (its spool there) until the test is done.
+    gate = Gate()
+    origin.add(PATH, FILE, gate=gate, pause_at=100_000)
     proxy = make_proxy([origin.url])
     downloading = Deferred.fromCoroutine(fetch(http, proxy.url + PATH))
     await wait_for(lambda: proxy.spools() != [])
@@ -354,6 +395,7 @@ async def test_spools_are_never_served(origin, make_proxy, http):
     response, body = await fetch(http, proxy.url + "/.pkgcache-spool/" + name)
     assert response.code == 404
     assert origin.count("/.pkgcache-spool/" + name) == 0
+    gate.open()
     _, body = await downloading
     assert body == FILE
 
@@ -379,7 +421,8 @@ async def test_large_file_sha256(origin, make_proxy, http):
     proxy = make_proxy([origin.url])
     _, body = await fetch(http, proxy.url + "/big.bin")
     assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
-    await sleep(0)
+    published = await proxy.published("/big.bin")
+    assert hashlib.sha256(published).digest() == hashlib.sha256(data).digest()
 
 
 @pytest_twisted.ensureDeferred

@@ -18,6 +18,7 @@ from twisted.internet.error import ConnectionRefusedError
 
 from tests.clients import sha256, start_reading
 from tests.conftest import fetch, sleep, wait_for
+from tests.origin import Gate
 
 BIN = Path(sys.executable).parent
 TWIST = BIN / "twist"
@@ -164,14 +165,22 @@ async def test_download_through_twist_then_hit_with_source_gone(origin, twist, h
     response, body = await fetch(http, server.url + "/distfiles/foo-1.0.tar.gz")
     assert (response.code, sha256(body)) == (200, sha256(data))
     assert origin.count("/distfiles/foo-1.0.tar.gz") == 1
+    # The server writes the log, the access log and the metrics once the
+    # response is finished, which may be after we have read it: wait for
+    # each, rather than assume the others came with the first.
     await wait_for(lambda: " hit 200 " in server.log.read_text())
     log = server.log.read_text()
     assert "GET /distfiles/foo-1.0.tar.gz miss 200 2000000 bytes" in log
     assert "GET /distfiles/foo-1.0.tar.gz hit 200 2000000 bytes" in log
+    await wait_for(lambda: access_log.read_text().endswith(" hit\n"))
     entries = access_log.read_text().splitlines()
     assert entries[-2].endswith('"GET /distfiles/foo-1.0.tar.gz HTTP/1.1" 200 2000000 "-" "-" miss')
     assert entries[-1].endswith('"GET /distfiles/foo-1.0.tar.gz HTTP/1.1" 200 2000000 "-" "-" hit')
-    _, metrics = await fetch(http, f"http://127.0.0.1:{metrics_port}/metrics")
+    for _ in range(100):
+        _, metrics = await fetch(http, f"http://127.0.0.1:{metrics_port}/metrics")
+        if b'pkgcache_requests_total{outcome="hit"} 1.0' in metrics:
+            break
+        await sleep(0.05)
     assert b'pkgcache_requests_total{outcome="hit"} 1.0' in metrics
     assert b'pkgcache_requests_total{outcome="miss"} 1.0' in metrics
 
@@ -181,14 +190,15 @@ async def test_kill_9_mid_download_publishes_nothing_and_restart_recovers(
     origin, twist, http, tmp_path
 ):
     data = os.urandom(3_000_000)
-    origin.add("/big.tar", data, rate=1_000_000)
+    # The download stops mid-way (600 kB spooled) and stays there until killed.
+    origin.add("/big.tar", data, gate=Gate(), pause_at=600_000)
     cache = tmp_path / "cache"
     spool = cache / ".pkgcache-spool"
     server = twist("--source", origin.url, "--cache-dir", str(cache))
     await server.ready(http)
     _, reader = await start_reading(http, server.url + "/big.tar")
     reader.done.addErrback(lambda _: None)
-    await wait_for(lambda: any(p.stat().st_size > 500_000 for p in spool.iterdir()))
+    await wait_for(lambda: any(p.stat().st_size == 600_000 for p in spool.iterdir()))
     server.kill(signal.SIGKILL)
     assert not (cache / "big.tar").exists()
     assert len(list(spool.iterdir())) == 1  # the crashed process's spool
@@ -237,7 +247,9 @@ async def test_unix_and_ssl_endpoints(origin, twist, http, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_two_processes_share_one_cache_dir(origin, twist, http, tmp_path):
     data = os.urandom(3_000_000)
-    origin.add("/shared.tar", data, rate=3_000_000)
+    # Each download holds after 300 kB until both are under way.
+    gate = Gate()
+    origin.add("/shared.tar", data, gate=gate, pause_at=300_000)
     cache = tmp_path / "cache"
     first = twist("--source", origin.url, "--cache-dir", str(cache))
     await first.ready(http)
@@ -246,7 +258,10 @@ async def test_two_processes_share_one_cache_dir(origin, twist, http, tmp_path):
     # The second one starts (sweeping stale spools) while the first downloads.
     second = twist("--source", origin.url, "--cache-dir", str(cache))
     await second.ready(http)
+    assert len(list((cache / ".pkgcache-spool").iterdir())) == 1, "the live spool was swept"
     _, late = await start_reading(http, second.url + "/shared.tar")
+    assert origin.count("/shared.tar") == 2
+    gate.open()
     assert sha256(await early.done) == sha256(data)
     assert sha256(await late.done) == sha256(data)
     await wait_for(lambda: list((cache / ".pkgcache-spool").iterdir()) == [])

@@ -9,12 +9,13 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from pkgcache.paths import CacheKey
 from pkgcache.sources import AllSourcesFailed, Attempt, FailureKind, Source, SourceHealth
 from pkgcache.upstream import UpstreamClient
-from tests.conftest import fetch
+from tests.conftest import fetch, wait_for
 from tests.origin import refused_url
 
 DATA = os.urandom(10_000)
@@ -95,8 +96,9 @@ def test_order_puts_sources_in_backoff_last_never_leaves_them_out():
 
 
 def _client(sources, clock, **kwargs) -> UpstreamClient:
+    """A client whose timers and back-off run on ``clock``."""
     return UpstreamClient(
-        [Source(s) for s in sources], reactor, health=SourceHealth(clock), **kwargs
+        [Source(s) for s in sources], reactor, clock=clock, health=SourceHealth(clock), **kwargs
     )
 
 
@@ -125,9 +127,14 @@ async def test_refused_and_timed_out_sources_are_marked_down(origins, make_proxy
     silent, good = origins(), origins()
     silent.add("/a", hang=True)
     good.add("/a", DATA)
-    upstream = _client([refused_url(), silent.url, good.url], Clock(), idle_timeout=0.3)
+    clock = Clock()
+    upstream = _client([refused_url(), silent.url, good.url], clock, idle_timeout=0.3)
     proxy = make_proxy([], upstream=upstream)
-    assert (await fetch(http, proxy.url + "/a"))[1] == DATA
+    answer = Deferred.fromCoroutine(fetch(http, proxy.url + "/a"))
+    # The silent source has the request: the idle timeout passes.
+    await wait_for(lambda: silent.count("/a") == 1)
+    clock.advance(0.3)
+    assert (await answer)[1] == DATA
     refused, timed_out, working = upstream.sources
     assert upstream.health.is_down(refused)
     assert upstream.health.is_down(timed_out)
