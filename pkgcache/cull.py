@@ -6,6 +6,11 @@ The last access of a cached file is its atime, which
 (``noatime`` and ``relatime`` mounts would not), so everything here orders
 files by atime and agrees with ``find CACHE_DIR -atime +30``.
 
+What a cull removes: first every file not accessed for more than the
+maximum age; then, if what is left is larger than the maximum size, more
+files, least recently used first (equal atimes in path order), until what
+is left is at most :data:`TARGET_PERCENT` of it.
+
 Culling is safe while pkgcache serves the same directory:
 
 - the spool directory (and every other name the store reserves at the top
@@ -13,53 +18,89 @@ Culling is safe while pkgcache serves the same directory:
 - files are only ever unlinked, never truncated or rewritten: a client
   still reading a culled file holds it open and gets all of it;
 - a file or directory that disappears meanwhile (another cull, a
-  concurrent sweep) is not an error, a file used since the scan is kept,
-  and directories are removed with ``rmdir``, which refuses a directory
-  that a concurrent publication has just put a file into.
+  concurrent sweep) is not an error; a file used since the cull began (its
+  atime is later than that moment, or later than when the cull looked at
+  it) is kept; and directories are removed with ``rmdir``, which refuses a
+  directory that a concurrent publication has just put a file into.
 
-The library functions block on the disk for as long as the walk takes: the
-server calls :func:`cull` in a worker thread.  ``pkgcache-cull`` (:func:`main`)
-is the same thing for cron jobs and systemd timers.
+Memory stays bounded whatever the number of files, since no list of them is
+ever made; the walks hold one open directory per level of depth:
+
+1. A first walk sums the sizes and fills a histogram of atimes with
+   :data:`HISTOGRAM_BUCKETS` buckets, each about 0.7% of its age wide (a
+   bucket of files last used 10 days ago spans 1.6 hours).  Counting the
+   bytes bucket by bucket from the oldest gives the *boundary bucket*:
+   everything older goes, everything newer stays, and only part of it is
+   needed.  If it holds more than :data:`BOUNDARY_FILES` files, another walk
+   splits just that bucket into as many linear buckets, and so on: each
+   walk narrows the boundary :data:`HISTOGRAM_BUCKETS` times, so even a
+   million files all used within the same second need one or two more.  A
+   cull with nothing to remove ends after the first walk.
+2. A last walk removes, as it meets them, the files older than the
+   boundary bucket (and those over the maximum age), and keeps the
+   boundary bucket's files (at most :data:`BOUNDARY_FILES`) aside; after
+   it, those are removed oldest first until the bytes still needed are
+   freed.
+
+The choice is then exactly the one a sort of every file would make, with
+one approximation: when more than :data:`BOUNDARY_FILES` files share the
+boundary's atime to the nanosecond (a restore that set them all alike),
+they go in the order of the walk, not of their paths.  The *order* of
+removal is not least recently used first, except within the boundary
+bucket: the last walk removes files in the directories' own order (sorting a
+directory would hold all of its names in memory).  The plan is made from
+what the walks saw, as any plan is: bytes published meanwhile are for the
+next cull.
+
+The library functions block on the disk for as long as the walks take: the
+server calls :func:`cull` in a worker thread, and tells it to stop with an
+event.  ``pkgcache-cull`` (:mod:`pkgcache.cull_cli`) is the same thing for
+cron jobs and systemd timers.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import math
 import os
-import sys
+import threading
 import time
-from dataclasses import dataclass
-from typing import (
-    Callable,
-    Iterable,
-    Iterator,
-    Literal,
-    NoReturn,
-    Optional,
-    Sequence,
-    TextIO,
-    Union,
-)
+from bisect import bisect_right
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES
-from pkgcache.sizes import format_size, parse_size
-from pkgcache.store import SPOOL_DIR_NAME
 
 #: A cull over the size limit goes down to this percentage of it, so that it
 #: does not have to run again as soon as the next file is published.
 TARGET_PERCENT = 90
 
 SECONDS_PER_DAY = 86400
+NANOSECONDS_PER_SECOND = 10**9
+
+#: Buckets of each histogram of atimes: about half a MiB of counters and
+#: edges, whatever the number of files.
+HISTOGRAM_BUCKETS = 4096
+#: The most files of the boundary bucket the last walk keeps in memory (a
+#: few hundred bytes each); a fuller bucket is split by one more walk.
+BOUNDARY_FILES = 10_000
+#: The first histogram's buckets cover ages from 1 s to 2**40 s (35,000
+#: years) at a constant ratio; older atimes share the oldest bucket.
+_OLDEST_AGE_OCTAVES = 40
 
 Stage = Literal["scanning", "removing"]
-#: ``progress(stage, done, total)``: ``total`` is ``None`` while scanning,
-#: since the walk cannot know how many files it will find.
+#: ``progress(stage, done, total)``, called as each walk begins (``done``
+#: 0) and after each file: ``total`` is ``None`` during the first walk,
+#: which cannot know how many files it will find.
 ProgressCallback = Callable[[Stage, int, Optional[int]], None]
 #: ``on_remove(entry, error)``: ``error`` is ``None`` when the file was
 #: removed (or, in a dry run, would be), the ``OSError`` when it could not be.
 RemoveCallback = Callable[["CacheEntry", Optional[OSError]], None]
+
+
+class CullStopped(Exception):
+    """
+    :func:`cull` was told to stop (its ``stop`` event was set) before it
+    was done; what it removed until then is removed.
+    """
 
 
 @dataclass(frozen=True)
@@ -69,12 +110,13 @@ class CacheEntry:
 
     :ivar path: the file's path: the cache directory joined with its name.
     :ivar size: its size in bytes (``st_size``).
-    :ivar atime: its last access, in seconds since the epoch.
+    :ivar atime_ns: its last access, in nanoseconds since the epoch
+        (``st_atime_ns``: exact, so that equal atimes compare equal).
     """
 
     path: str
     size: int
-    atime: float
+    atime_ns: int
 
 
 @dataclass(frozen=True)
@@ -87,8 +129,9 @@ class CullReport:
 
     :ivar removed_files: files removed.
     :ivar removed_bytes: bytes freed by removing them.
-    :ivar left_files: files still in the cache: those not planned for
-        removal, those used since the scan (kept) and ``failed_files``.
+    :ivar left_files: files still in the cache: those not chosen for
+        removal, those used since the cull looked at them (kept) and
+        ``failed_files``.
     :ivar left_bytes: their total size.
     :ivar failed_files: files that should have been removed but could not
         be (``on_remove`` was told why).
@@ -111,77 +154,274 @@ def scan_cache(cache_dir: Union[str, "os.PathLike[str]"]) -> Iterator[CacheEntry
     are not entered; symbolic links are neither followed nor reported,
     since pkgcache never makes any and removing a link would free nothing;
     a file or directory that vanishes during the walk is skipped.  Entries
-    come in a stable order (sorted by name, directory by directory).
+    come depth first, in each directory's own order, which stays the same
+    while the directory does not change: not sorted, since sorting would
+    hold a whole directory in memory.
 
     :raises OSError: if ``cache_dir`` itself cannot be read, or a
         directory in it cannot (a permission problem is the
         administrator's to see, not to be hidden).
     """
     root = os.path.normpath(os.fspath(cache_dir))
-    pending = [root]
-    while pending:
-        directory = pending.pop()
-        try:
-            with os.scandir(directory) as iterator:
-                children = sorted(iterator, key=lambda child: child.name)
-        except FileNotFoundError:
-            if directory == root:
-                raise
-            continue
-        subdirectories = []
-        for child in children:
-            if directory == root and child.name in RESERVED_TOP_LEVEL_NAMES:
+    # One open directory per level: the walk's whole memory.
+    open_directories = [os.scandir(root)]
+    try:
+        while open_directories:
+            child = next(open_directories[-1], None)
+            if child is None:
+                open_directories.pop().close()
+                continue
+            if len(open_directories) == 1 and child.name in RESERVED_TOP_LEVEL_NAMES:
                 continue
             try:
                 if child.is_dir(follow_symlinks=False):
-                    subdirectories.append(child.path)
+                    open_directories.append(os.scandir(child.path))
                 elif child.is_file(follow_symlinks=False):
                     status = child.stat(follow_symlinks=False)
-                    yield CacheEntry(child.path, status.st_size, status.st_atime)
+                    yield CacheEntry(child.path, status.st_size, status.st_atime_ns)
             except FileNotFoundError:
                 continue
-        # Reversed, so that the stack pops them in name order.
-        pending.extend(reversed(subdirectories))
+    finally:
+        for directory in open_directories:
+            directory.close()
+
+
+#: ``walk(stage, total)``: a new walk of the same files.
+_Walk = Callable[[Stage, Optional[int]], Iterable[CacheEntry]]
+
+
+@dataclass(frozen=True)
+class _Buckets:
+    """
+    Consecutive ranges of atimes: ``[start, inner[0])``, ``[inner[0],
+    inner[1])`` ... ``[inner[-1], end)``; ``start`` ``None`` leaves the
+    first one open below.
+    """
+
+    start: Optional[int]
+    inner: Sequence[int]
+    end: int
+
+    @classmethod
+    def by_age(cls, now_ns: int) -> _Buckets:
+        """Buckets as wide as a constant fraction of their age, up to ``now_ns``."""
+        octaves_per_bucket = _OLDEST_AGE_OCTAVES / HISTOGRAM_BUCKETS
+        ages = (
+            round(NANOSECONDS_PER_SECOND * 2 ** (index * octaves_per_bucket))
+            for index in range(HISTOGRAM_BUCKETS - 1, 0, -1)
+        )
+        return cls(None, [now_ns - age for age in ages], now_ns)
+
+    @classmethod
+    def linear(cls, start: int, end: int) -> _Buckets:
+        """Buckets of equal widths, one nanosecond at least."""
+        width = -(-(end - start) // HISTOGRAM_BUCKETS)
+        # A range, not a list: bisect reads it just as well.
+        return cls(start, range(start + width, end, width), end)
+
+    def __len__(self) -> int:
+        return len(self.inner) + 1
+
+    def index(self, atime_ns: int) -> Optional[int]:
+        """The bucket ``atime_ns`` falls in, ``None`` if outside them all."""
+        if atime_ns >= self.end or (self.start is not None and atime_ns < self.start):
+            return None
+        return bisect_right(self.inner, atime_ns)
+
+    def bounds(self, index: int, oldest_ns: int) -> tuple[int, int]:
+        """
+        Bucket ``index``'s range; ``oldest_ns``, the oldest atime in it,
+        closes an open first bucket.
+        """
+        if index == 0:
+            start = oldest_ns if self.start is None else self.start
+        else:
+            start = self.inner[index - 1]
+        end = self.inner[index] if index < len(self.inner) else self.end
+        return start, end
+
+
+@dataclass
+class _Survey:
+    """What one walk found: totals, and a histogram of the files in ``buckets``."""
+
+    buckets: _Buckets
+    files: int = 0
+    bytes: int = 0
+    aged_files: int = 0
+    aged_bytes: int = 0
+    #: Files and bytes in each bucket.
+    counts: list[int] = field(init=False)
+    sizes: list[int] = field(init=False)
+    #: The oldest atime in the buckets (their end while they are empty).
+    oldest_ns: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.buckets)
+        self.sizes = [0] * len(self.buckets)
+        self.oldest_ns = self.buckets.end
+
+    def boundary(self, needed: int) -> Optional[tuple[int, int]]:
+        """
+        The first bucket that brings the bytes counted from the oldest to
+        ``needed``, and how many of its bytes are needed; ``None`` if all
+        of them are not enough.
+        """
+        below = 0
+        for index, size in enumerate(self.sizes):
+            if below + size >= needed:
+                return index, needed - below
+            below += size
+        return None
+
+
+def _survey(
+    entries: Iterable[CacheEntry], buckets: _Buckets, aged_before: Optional[int]
+) -> _Survey:
+    """Count ``entries``: all of them, those aged, and the others by bucket."""
+    survey = _Survey(buckets)
+    for entry in entries:
+        survey.files += 1
+        survey.bytes += entry.size
+        atime = entry.atime_ns
+        if aged_before is not None and atime < aged_before:
+            survey.aged_files += 1
+            survey.aged_bytes += entry.size
+            continue
+        index = buckets.index(atime)
+        if index is None:
+            continue
+        survey.counts[index] += 1
+        survey.sizes[index] += entry.size
+        survey.oldest_ns = min(survey.oldest_ns, atime)
+    return survey
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """
+    Which files a cull removes, decided by atime alone.
+
+    :ivar survey: what the first walk found.
+    :ivar remove_before: files accessed before this go, ``None`` if none.
+    :ivar boundary_end: files accessed from ``remove_before`` to before this
+        are the boundary bucket, ``None`` if there is none.
+    :ivar boundary_bytes: how many of the boundary's bytes go, oldest first.
+    :ivar stream_boundary: whether the boundary is one atime, shared by too
+        many files to keep aside: they go in the order of the walk.
+    """
+
+    survey: _Survey
+    remove_before: Optional[int] = None
+    boundary_end: Optional[int] = None
+    boundary_bytes: int = 0
+    stream_boundary: bool = False
+
+
+def _plan(
+    walk: _Walk, max_size: Optional[int], max_age_ns: Optional[int], now_ns: int
+) -> _Plan:
+    """
+    Walk the files once, and again as long as the boundary bucket is too
+    full to keep aside (see the module's docstring).
+
+    Files accessed at ``now_ns`` or later are never chosen: they were used
+    since the cull began, or their atime is in the future (a clock set
+    back), which is as recent as it gets.
+    """
+    if (max_size is not None and max_size < 0) or (max_age_ns is not None and max_age_ns < 0):
+        raise ValueError("max_size and max_age cannot be negative")
+    aged_before = None if max_age_ns is None else now_ns - max_age_ns
+    buckets = _Buckets.by_age(now_ns)
+    first = survey = _survey(walk("scanning", None), buckets, aged_before)
+    plan = _Plan(first, remove_before=aged_before if first.aged_files else None)
+    left = first.bytes - first.aged_bytes
+    if max_size is None or left <= max_size:
+        return plan
+    needed = left - max_size * TARGET_PERCENT // 100
+    while True:
+        found = survey.boundary(needed)
+        if found is None:
+            # Even all of them are not enough: the files used since the
+            # cull began are over the target on their own (or the boundary
+            # bucket lost files since it was counted).  Every older one goes.
+            return replace(plan, remove_before=_latest(aged_before, buckets.end))
+        index, needed = found
+        start, end = buckets.bounds(index, survey.oldest_ns)
+        too_many = survey.counts[index] > BOUNDARY_FILES
+        if not too_many or end - start == 1:
+            return replace(
+                plan,
+                remove_before=_latest(aged_before, start),
+                boundary_end=end,
+                boundary_bytes=needed,
+                stream_boundary=too_many,
+            )
+        buckets = _Buckets.linear(start, end)
+        survey = _survey(walk("scanning", first.files), buckets, aged_before)
+
+
+def _latest(aged_before: Optional[int], atime_ns: int) -> int:
+    return atime_ns if aged_before is None else max(aged_before, atime_ns)
+
+
+def _lru_order(entry: CacheEntry) -> tuple[int, str]:
+    return entry.atime_ns, entry.path
+
+
+def _choose(plan: _Plan, entries: Iterable[CacheEntry]) -> Iterator[CacheEntry]:
+    """
+    The entries ``plan`` removes, in the order to remove them: each one
+    older than the boundary as the walk meets it, then the boundary's.
+    """
+    if plan.remove_before is None:
+        return
+    budget = plan.boundary_bytes
+    boundary: list[CacheEntry] = []
+    for entry in entries:
+        if entry.atime_ns < plan.remove_before:
+            yield entry
+        elif plan.boundary_end is not None and entry.atime_ns < plan.boundary_end:
+            if not plan.stream_boundary:
+                boundary.append(entry)
+                # Only if the cache changed since the survey counted the
+                # bucket: the newest of the surplus are kept.
+                if len(boundary) >= 2 * BOUNDARY_FILES:
+                    boundary.sort(key=_lru_order)
+                    del boundary[BOUNDARY_FILES:]
+            elif budget > 0:
+                budget -= entry.size
+                yield entry
+    boundary.sort(key=_lru_order)
+    for entry in boundary:
+        if budget <= 0:
+            return
+        budget -= entry.size
+        yield entry
 
 
 def plan_cull(
-    entries: Iterable[CacheEntry],
+    entries: Sequence[CacheEntry],
     max_size: Optional[int] = None,
-    max_age_seconds: Optional[float] = None,
+    max_age_ns: Optional[int] = None,
     *,
-    now: float,
+    now_ns: int,
 ) -> list[CacheEntry]:
     """
-    Choose the files to remove, least recently used first.
+    Choose the files to remove, as :func:`cull` would: first every file not
+    accessed for more than ``max_age_ns``; then, if what is left is larger
+    than ``max_size``, more files, least recently used first, until what is
+    left is at most :data:`TARGET_PERCENT` of ``max_size``.  Files accessed
+    at the same time go in path order (as far as memory allows: see the
+    module's docstring), so the same cache always gives the same plan.
 
-    First every file not accessed for more than ``max_age_seconds``; then,
-    if what is left is larger than ``max_size``, more files in the same
-    order until what is left is at most :data:`TARGET_PERCENT` of
-    ``max_size``.  Files accessed at the same time go in path order, so the
-    same cache always gives the same plan.
-
-    :param now: the time ages are counted from (a parameter, so that the
+    :param now_ns: the time ages are counted from (a parameter, so that the
         plan depends on its arguments alone).
-    :return: the files to remove, in the order to remove them.
-    :raises ValueError: if ``max_size`` or ``max_age_seconds`` is negative.
+    :return: the files to remove, least recently used first.
+    :raises ValueError: if ``max_size`` or ``max_age_ns`` is negative.
     """
-    if (max_size is not None and max_size < 0) or (
-        max_age_seconds is not None and max_age_seconds < 0
-    ):
-        raise ValueError("max_size and max_age_seconds cannot be negative")
-    ordered = sorted(entries, key=lambda entry: (entry.atime, entry.path))
-    count = 0
-    if max_age_seconds is not None:
-        while count < len(ordered) and now - ordered[count].atime > max_age_seconds:
-            count += 1
-    if max_size is not None:
-        left = sum(entry.size for entry in ordered[count:])
-        if left > max_size:
-            target = max_size * TARGET_PERCENT // 100
-            while left > target:
-                left -= ordered[count].size
-                count += 1
-    return ordered[:count]
+    plan = _plan(lambda stage, total: entries, max_size, max_age_ns, now_ns)
+    return sorted(_choose(plan, entries), key=_lru_order)
 
 
 def cull(
@@ -192,12 +432,13 @@ def cull(
     dry_run: bool = False,
     progress: Optional[ProgressCallback] = None,
     on_remove: Optional[RemoveCallback] = None,
+    stop: Optional[threading.Event] = None,
 ) -> CullReport:
     """
     Remove the least recently used files of ``cache_dir`` (see
     :func:`plan_cull`), and the directories that leaves empty.
 
-    Blocks for as long as the walk of the whole cache takes: call it in a
+    Blocks for as long as the walks of the whole cache take: call it in a
     worker thread.  The callbacks are called in the calling thread.
 
     A file that cannot be removed (permissions, say) is reported through
@@ -210,24 +451,31 @@ def cull(
         ``None`` to keep files of any age.
     :param dry_run: remove nothing; report (and call ``on_remove`` for)
         what would be removed.
-    :param progress: called as the walk finds each file and after each
-        file planned for removal.
+    :param progress: called as each walk begins and after each file.
     :param on_remove: called for each file removed, would be removed or
         that could not be removed.
+    :param stop: once set (from any thread), the cull stops before the next
+        file.
+    :raises CullStopped: if ``stop`` was set.
     :raises OSError: if the cache directory, or a directory in it, cannot
         be read.
+    :raises ValueError: if ``max_size`` or ``max_age_days`` is negative.
     """
     root = os.path.normpath(os.fspath(cache_dir))
-    entries = []
-    for entry in scan_cache(root):
-        entries.append(entry)
-        if progress is not None:
-            progress("scanning", len(entries), None)
-    max_age_seconds = None if max_age_days is None else max_age_days * SECONDS_PER_DAY
-    plan = plan_cull(entries, max_size, max_age_seconds, now=time.time())
+    max_age_ns = (
+        None
+        if max_age_days is None
+        else round(max_age_days * SECONDS_PER_DAY * NANOSECONDS_PER_SECOND)
+    )
+    walk = _Walks(root, progress, stop)
+    plan = _plan(walk, max_size, max_age_ns, time.time_ns())
+    if plan.remove_before is None:
+        # Nothing to remove: the first walk counted what is left.
+        return CullReport(0, 0, plan.survey.files, plan.survey.bytes, 0, dry_run)
 
     removed_files = removed_bytes = failed_files = vanished_files = vanished_bytes = 0
-    for done, entry in enumerate(plan, 1):
+    for entry in _choose(plan, walk("removing", plan.survey.files)):
+        walk.check_stop()
         try:
             removed = dry_run or _remove(entry, root)
         except FileNotFoundError:
@@ -243,247 +491,76 @@ def cull(
                 removed_bytes += entry.size
                 if on_remove is not None:
                     on_remove(entry, None)
-        if progress is not None:
-            progress("removing", done, len(plan))
     return CullReport(
         removed_files=removed_files,
         removed_bytes=removed_bytes,
-        left_files=len(entries) - removed_files - vanished_files,
-        left_bytes=sum(entry.size for entry in entries) - removed_bytes - vanished_bytes,
+        left_files=walk.files - removed_files - vanished_files,
+        left_bytes=walk.bytes - removed_bytes - vanished_bytes,
         failed_files=failed_files,
         dry_run=dry_run,
     )
+
+
+class _Walks:
+    """
+    New walks of one cache directory (a :data:`_Walk`), each reporting its
+    progress and stopping when told to; the files and bytes of the latest
+    one are counted.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        progress: Optional[ProgressCallback],
+        stop: Optional[threading.Event],
+    ) -> None:
+        self._root = root
+        self._progress = progress
+        self._stop = stop
+        self.files = self.bytes = 0
+
+    def __call__(self, stage: Stage, total: Optional[int]) -> Iterator[CacheEntry]:
+        self.files = self.bytes = 0
+        if self._progress is not None:
+            self._progress(stage, 0, total)
+        for entry in scan_cache(self._root):
+            self.check_stop()
+            self.files += 1
+            self.bytes += entry.size
+            yield entry
+            if self._progress is not None:
+                self._progress(stage, self.files, total)
+
+    def check_stop(self) -> None:
+        """:raises CullStopped: if the cull was told to stop."""
+        if self._stop is not None and self._stop.is_set():
+            raise CullStopped()
 
 
 def _remove(entry: CacheEntry, root: str) -> bool:
     """
     Unlink ``entry``'s file, then the directories that leaves empty.
 
-    :return: ``False`` if the file was kept because it was used after the
-        scan: a walk of a large cache takes minutes, and a file a client
-        has just asked for is no longer the least recently used.
+    :return: ``False`` if the file was kept because it was used since the
+        walk found it: a walk of a large cache takes minutes, and a file a
+        client has just asked for is no longer the least recently used.
     :raises FileNotFoundError: if it is gone already.
     :raises OSError: if it cannot be removed.
     """
-    if os.lstat(entry.path).st_atime > entry.atime:
+    if os.lstat(entry.path).st_atime_ns > entry.atime_ns:
         return False
     os.unlink(entry.path)
     parent = os.path.dirname(entry.path)
-    # Every path the scan found is the root joined with more names, so this
-    # stops at the root and never removes it.
+    # Every path the walk found is the root joined with more names, so this
+    # stops at the root and never removes it.  The walk may still be
+    # reading a directory removed here: it then just finds nothing more.
     while len(parent) > len(root):
         try:
             os.rmdir(parent)
         except OSError:
-            # Not empty (maybe a file was just published into it) or gone
-            # already: either way, its parents stay too.
+            # Not empty (maybe a file was just published into it, or the
+            # walk has yet to reach the rest) or gone already: either way,
+            # its parents stay too.
             return True
         parent = os.path.dirname(parent)
     return True
-
-
-class _ProgressLine:
-    """
-    A progress line on a terminal, redrawn in place with ``\\r``.
-
-    It draws nothing on anything but a terminal (a pipe, a log, the
-    journal), and nothing before ``delay`` seconds have passed: a small
-    cache needs no progress line, and time, not a count of files, is what
-    tells a large one (a cold disk walks slowly).
-
-    :param clock: the time, in seconds (a parameter for tests).
-    """
-
-    width = 30
-
-    def __init__(
-        self,
-        stream: TextIO,
-        clock: Callable[[], float] = time.monotonic,
-        delay: float = 0.5,
-        interval: float = 0.1,
-    ) -> None:
-        self._stream = stream
-        self._enabled = stream.isatty()
-        self._clock = clock
-        self._next_draw = clock() + delay
-        self._interval = interval
-        self._shown = 0
-
-    def __call__(self, stage: Stage, done: int, total: Optional[int]) -> None:
-        if not self._enabled:
-            return
-        now = self._clock()
-        if now < self._next_draw:
-            return
-        self._next_draw = now + self._interval
-        if total is None:
-            text = f"{stage}: {done} files"
-        else:
-            filled = self.width * done // total
-            bar = "#" * filled + "-" * (self.width - filled)
-            text = f"{stage}: [{bar}] {done}/{total} files"
-        # Padded to cover a longer line drawn before.
-        self._stream.write("\r" + text.ljust(self._shown))
-        self._stream.flush()
-        self._shown = len(text)
-
-    def clear(self) -> None:
-        """
-        Erase the line, before anything else is printed on the terminal.
-        """
-        if self._shown:
-            self._stream.write("\r" + " " * self._shown + "\r")
-            self._stream.flush()
-            self._shown = 0
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """
-    An argument parser that reports a mistake in one line: cron mail and
-    the journal read better without the usage text, which ``--help`` gives.
-    """
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
-def _size_argument(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        # argparse shows the message of this exception type only.
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _days_argument(text: str) -> float:
-    try:
-        days = float(text)
-    except ValueError:
-        days = math.nan
-    if not (math.isfinite(days) and days >= 0):
-        raise argparse.ArgumentTypeError(
-            f"invalid number of days {text!r}: expected a number, 0 or more"
-        )
-    return days
-
-
-def _amount(size: int) -> str:
-    if size < 1024:
-        return format_size(size)
-    return f"{format_size(size)} ({size} bytes)"
-
-
-def _files(count: int) -> str:
-    return f"{count} file" if count == 1 else f"{count} files"
-
-
-def _summary(report: CullReport) -> str:
-    if report.dry_run:
-        removed, freed, left = "would remove", "would free", "would leave"
-    else:
-        removed, freed, left = "removed", "freed", "left"
-    line = (
-        f"{removed} {_files(report.removed_files)}, {freed} {_amount(report.removed_bytes)}; "
-        f"{left} {_files(report.left_files)}, {_amount(report.left_bytes)}"
-    )
-    if report.failed_files:
-        line += f"; could not remove {_files(report.failed_files)}"
-    return line
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """
-    ``pkgcache-cull``: cull a cache directory from cron or a systemd timer,
-    while pkgcache serves it or not.
-
-    :return: the exit status: 0 on success, 1 if the cache could not be
-        culled or some files could not be removed, 2 for a usage mistake.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            # A file name that is not valid in the locale's encoding must
-            # not end the listing with a traceback halfway through a cull.
-            stream.reconfigure(errors="backslashreplace")
-    parser = _OneLineParser(
-        prog="pkgcache-cull",
-        description="Remove the least recently used files of a pkgcache cache "
-        "directory. Safe to run while pkgcache serves it.",
-    )
-    parser.add_argument(
-        "--cache-dir", required=True, metavar="PATH", help="the cache directory"
-    )
-    parser.add_argument(
-        "--max-size",
-        type=_size_argument,
-        metavar="SIZE",
-        help="when the cache is larger than SIZE (such as 50G, 500M or 1.5T; "
-        "units are powers of 1024), remove the least recently used files "
-        f"until it is at {TARGET_PERCENT}%% of SIZE",
-    )
-    parser.add_argument(
-        "--max-age",
-        type=_days_argument,
-        metavar="DAYS",
-        help="remove the files not accessed for more than DAYS days",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="remove nothing; list what would be removed",
-    )
-    args = parser.parse_args(argv)
-    if args.max_size is None and args.max_age is None:
-        parser.error("give --max-size, --max-age or both")
-
-    def fail(message: str) -> int:
-        print(f"{parser.prog}: {message}", file=sys.stderr)
-        return 1
-
-    cache_dir = args.cache_dir
-    if not os.path.isdir(cache_dir):
-        return fail(f"no such directory: {cache_dir}")
-    # A mistyped --cache-dir (/, a home directory) would otherwise lose
-    # every file older than --max-age: insist on the mark pkgcache leaves.
-    if not os.path.isdir(os.path.join(cache_dir, SPOOL_DIR_NAME)):
-        return fail(
-            f"{cache_dir} is not a pkgcache cache directory "
-            f"(it has no {SPOOL_DIR_NAME}); not culling it"
-        )
-
-    progress_line = _ProgressLine(sys.stderr)
-    # The progress line is on stderr: only removal lines printed on the
-    # same terminal need it erased first.
-    listing_on_terminal = sys.stdout.isatty()
-    verb = "would remove" if args.dry_run else "removed"
-
-    def show_removal(entry: CacheEntry, error: Optional[OSError]) -> None:
-        if listing_on_terminal or error is not None:
-            progress_line.clear()
-        if error is None:
-            print(f"{verb} {entry.path} ({format_size(entry.size)})")
-        else:
-            print(
-                f"{parser.prog}: could not remove {entry.path}: {error.strerror}",
-                file=sys.stderr,
-            )
-
-    try:
-        report = cull(
-            cache_dir,
-            args.max_size,
-            args.max_age,
-            dry_run=args.dry_run,
-            progress=progress_line,
-            on_remove=show_removal,
-        )
-    except OSError as error:
-        progress_line.clear()
-        return fail(f"cannot cull {cache_dir}: {error}")
-    progress_line.clear()
-    print(_summary(report))
-    return 1 if report.failed_files else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """
 Culling: the pure plan, the cull of a real directory (atimes set with
-``os.utime``), and ``pkgcache-cull`` run as a real subprocess.
+``os.utime``), the bounded planner against a plain sort of every file, and
+``pkgcache-cull`` run as a real subprocess.
 """
 
 from __future__ import annotations
@@ -8,28 +9,34 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
+from pkgcache import cull as cull_module
 from pkgcache.cull import (
     CacheEntry,
     CullReport,
-    _ProgressLine,
+    CullStopped,
+    Stage,
     cull,
-    main,
     plan_cull,
     scan_cache,
 )
+from pkgcache.cull_cli import _ProgressLine, main
 from pkgcache.sizes import format_size, parse_size
 from pkgcache.store import SPOOL_DIR_NAME
 
 DAY = 86400
+#: Nanoseconds in a second.
+S = 10**9
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -113,40 +120,49 @@ def test_format_size(size: int, text: str) -> None:
 
 def test_plan_orders_by_atime_then_path() -> None:
     entries = [
-        CacheEntry("c", 10, 300.0),
-        CacheEntry("b", 10, 100.0),
-        CacheEntry("d", 10, 200.0),
-        CacheEntry("a", 10, 100.0),
+        CacheEntry("c", 10, 300 * S),
+        CacheEntry("b", 10, 100 * S),
+        CacheEntry("d", 10, 200 * S),
+        CacheEntry("a", 10, 100 * S),
     ]
-    plan = plan_cull(entries, max_size=0, now=1000.0)
+    plan = plan_cull(entries, max_size=0, now_ns=1000 * S)
     assert [entry.path for entry in plan] == ["a", "b", "d", "c"]
 
 
 def test_plan_goes_down_to_90_percent_only_when_over_the_limit() -> None:
-    entries = [CacheEntry(f"f{index}", 10, float(index)) for index in range(4)]
-    assert plan_cull(entries, max_size=40, now=1000.0) == []
+    entries = [CacheEntry(f"f{index}", 10, index * S) for index in range(4)]
+    assert plan_cull(entries, max_size=40, now_ns=1000 * S) == []
     # 30 bytes would fit under 39, but the target is 90% of it: 35.
-    assert [entry.path for entry in plan_cull(entries, max_size=39, now=1000.0)] == ["f0"]
-    assert [entry.path for entry in plan_cull(entries, max_size=33, now=1000.0)] == ["f0", "f1"]
+    assert [entry.path for entry in plan_cull(entries, max_size=39, now_ns=1000 * S)] == ["f0"]
+    assert [entry.path for entry in plan_cull(entries, max_size=33, now_ns=1000 * S)] == [
+        "f0",
+        "f1",
+    ]
 
 
 def test_plan_max_age_then_max_size() -> None:
-    now = 100 * DAY
-    entries = [CacheEntry(f"aged-{days}", 10, now - days * DAY) for days in (50, 40, 10, 5, 1)]
-    by_age = plan_cull(entries, max_age_seconds=30 * DAY, now=now)
+    now = 100 * DAY * S
+    entries = [CacheEntry(f"aged-{days}", 10, now - days * DAY * S) for days in (50, 40, 10, 5, 1)]
+    by_age = plan_cull(entries, max_age_ns=30 * DAY * S, now_ns=now)
     assert [entry.path for entry in by_age] == ["aged-50", "aged-40"]
     # What age leaves (30 bytes) is not over 30: nothing more.
-    both = plan_cull(entries, max_size=30, max_age_seconds=30 * DAY, now=now)
+    both = plan_cull(entries, max_size=30, max_age_ns=30 * DAY * S, now_ns=now)
     assert both == by_age
-    both = plan_cull(entries, max_size=25, max_age_seconds=30 * DAY, now=now)
+    both = plan_cull(entries, max_size=25, max_age_ns=30 * DAY * S, now_ns=now)
     assert [entry.path for entry in both] == ["aged-50", "aged-40", "aged-10"]
 
 
 def test_plan_rejects_negative_limits() -> None:
     with pytest.raises(ValueError):
-        plan_cull([], max_size=-1, now=0.0)
+        plan_cull([], max_size=-1, now_ns=0)
     with pytest.raises(ValueError):
-        plan_cull([], max_age_seconds=-1, now=0.0)
+        plan_cull([], max_age_ns=-1, now_ns=0)
+
+
+def test_plan_never_chooses_a_file_used_since_it_began() -> None:
+    # Or whose atime is in the future: as recent as it gets.
+    entries = [CacheEntry("past", 10, 999 * S), CacheEntry("since", 10, 1000 * S + 1)]
+    assert [entry.path for entry in plan_cull(entries, max_size=0, now_ns=1000 * S)] == ["past"]
 
 
 # cull of a real directory
@@ -262,16 +278,22 @@ def test_a_file_open_for_reading_is_read_whole_after_it_is_culled(cache: Path) -
 
 
 def test_scan_skips_what_vanishes_during_the_walk(cache: Path) -> None:
-    first = make_file(cache, "a/x")
-    make_file(cache, "a/y")
-    last_in_a = make_file(cache, "a/z")
-    make_file(cache, "b/f")
-    last = make_file(cache, "c/f")
+    # The walk goes in the directories' own order: whichever file comes
+    # first, another file of its directory and another whole directory
+    # vanish after it.
+    files = {str(make_file(cache, f"{directory}/{name}")) for directory in "abc" for name in "xyz"}
     walk = scan_cache(cache)
-    assert next(walk).path == str(first)
-    os.unlink(cache / "a" / "y")
-    shutil.rmtree(cache / "b")
-    assert [entry.path for entry in walk] == [str(last_in_a), str(last)]
+    first = Path(next(walk).path)
+    vanished_file = next(first.parent / name for name in "xyz" if name != first.name)
+    os.unlink(vanished_file)
+    vanished_directory = next(cache / name for name in "abc" if name != first.parent.name)
+    shutil.rmtree(vanished_directory)
+    expected = {
+        path
+        for path in files - {str(first), str(vanished_file)}
+        if Path(path).parent != vanished_directory
+    }
+    assert sorted(entry.path for entry in walk) == sorted(expected)
 
 
 def test_cull_skips_files_removed_or_used_since_the_scan(cache: Path) -> None:
@@ -280,17 +302,81 @@ def test_cull_skips_files_removed_or_used_since_the_scan(cache: Path) -> None:
     used = make_file(cache, "used", age_days=1)
     removals = Removals()
 
-    def on_remove(entry: CacheEntry, error: Optional[OSError]) -> None:
-        # What a concurrent cull and a cache hit do, between scan and unlink.
-        removals(entry, error)
-        if entry.path == str(oldest):
+    def progress(stage: Stage, done: int, total: Optional[int]) -> None:
+        # What a concurrent cull and a cache hit do, between the walk that
+        # chose the files and the one that removes them.
+        if stage == "removing" and done == 0:
             os.unlink(vanishing)
             os.utime(used)
 
-    report = cull(cache, max_size=0, on_remove=on_remove)
+    report = cull(cache, max_size=0, on_remove=removals, progress=progress)
     assert removals.paths == [str(oldest)] and removals.errors == {}
     assert used.exists()
     assert (report.removed_files, report.left_files, report.left_bytes) == (1, 1, 100)
+
+
+def test_cull_keeps_a_file_used_after_the_walk_looked_at_it(cache: Path) -> None:
+    # Both in the boundary bucket, which is removed after the last walk:
+    # "second" is used between that walk and its removal.
+    first = make_file(cache, "first", age_days=2)
+    second = make_file(cache, "second", age_days=2)
+    accessed = os.stat(first).st_atime_ns
+    os.utime(second, ns=(accessed + 1000, accessed + 1000))
+    removals = Removals()
+
+    def on_remove(entry: CacheEntry, error: Optional[OSError]) -> None:
+        removals(entry, error)
+        os.utime(second)
+
+    report = cull(cache, max_size=0, on_remove=on_remove)
+    assert removals.paths == [str(first)]
+    assert second.exists()
+    assert (report.removed_files, report.left_files) == (1, 1)
+
+
+def test_cull_keeps_files_accessed_in_the_future(cache: Path) -> None:
+    # A clock set back: they count as the most recently used of all.
+    future = make_file(cache, "future", age_days=-1)
+    past = make_file(cache, "past", age_days=1)
+    report = cull(cache, max_size=0, max_age_days=0)
+    assert future.exists() and not past.exists()
+    assert (report.removed_files, report.left_files, report.left_bytes) == (1, 1, 100)
+
+
+def test_cull_removes_only_what_it_needs_of_the_boundary_bucket(cache: Path) -> None:
+    # Used within a few milliseconds of each other: the same bucket of the
+    # first walk's histogram, yet removed in atime order, and only as many
+    # as needed.
+    base = time.time_ns() - 10 * DAY * S
+    sizes = [300, 100, 200, 400, 250, 150]
+    files = []
+    for index, size in enumerate(sizes):
+        path = make_file(cache, f"bucket/{'fedcba'[index]}", size=size)
+        os.utime(path, ns=(base + index * 1_000_000, base + index * 1_000_000))
+        files.append(path)
+    newer = make_file(cache, "newer", size=100, age_days=1)
+    # 1500 bytes; down to 90% of 1200 = 1080: 420 to free, so 300 + 100 +
+    # 200 (the 100 alone would be 20 short).
+    removals = Removals()
+    report = cull(cache, max_size=1200, on_remove=removals)
+    assert removals.paths == [str(path) for path in files[:3]]
+    assert all(path.exists() for path in files[3:]) and newer.exists()
+    assert (report.removed_bytes, report.left_bytes) == (600, 900)
+
+
+def test_cull_stops_between_two_files_when_told(cache: Path) -> None:
+    files = [make_file(cache, f"d{index}/old", age_days=40) for index in range(10)]
+    stop = threading.Event()
+    removals = Removals()
+
+    def progress(stage: Stage, done: int, total: Optional[int]) -> None:
+        if stage == "removing" and done == 1:
+            stop.set()
+
+    with pytest.raises(CullStopped):
+        cull(cache, max_age_days=30, progress=progress, on_remove=removals, stop=stop)
+    assert len(removals.paths) == 1
+    assert sum(path.exists() for path in files) == 9
 
 
 def test_cull_goes_on_past_a_file_it_cannot_remove(
@@ -322,6 +408,143 @@ def test_cull_does_not_follow_symbolic_links(cache: Path, tmp_path: Path) -> Non
     assert precious.exists()
     assert (cache / "linked-dir").is_symlink() and (cache / "linked-file").is_symlink()
     assert report.left_files == report.removed_files == 0
+
+
+# The bounded planner against a sort of every file
+
+
+def sorted_choice(
+    entries: list[CacheEntry], max_size: int, max_age_ns: Optional[int] = None, *, now_ns: int
+) -> list[CacheEntry]:
+    """What a cull removes, found the obvious way: every file in memory, sorted."""
+    ordered = sorted(entries, key=lambda entry: (entry.atime_ns, entry.path))
+    count = 0
+    if max_age_ns is not None:
+        while count < len(ordered) and ordered[count].atime_ns < now_ns - max_age_ns:
+            count += 1
+    left = sum(entry.size for entry in ordered[count:])
+    if left > max_size:
+        target = max_size * 90 // 100
+        while left > target:
+            left -= ordered[count].size
+            count += 1
+    return ordered[:count]
+
+
+def make_cache(root: Path, atimes: list[int], seed: int) -> list[CacheEntry]:
+    """Files of random sizes (sparse) with these atimes, in 64 directories."""
+    rng = random.Random(seed)
+    entries = []
+    for index, atime in enumerate(atimes):
+        path = root / f"d{rng.randrange(64):02}" / f"f{index}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = rng.choice([0, rng.randrange(1, 100), rng.randrange(100, 100_000)])
+        with open(path, "wb") as file:
+            file.truncate(size)
+        os.utime(path, ns=(atime, atime))
+        entries.append(CacheEntry(str(path), size, atime))
+    return entries
+
+
+def count_walks(walks: list[Stage]):
+    def progress(stage: Stage, done: int, total: Optional[int]) -> None:
+        if done == 0:
+            walks.append(stage)
+
+    return progress
+
+
+def check_against_sorted_choice(
+    cache: Path, entries: list[CacheEntry], max_size: int, max_age_days: Optional[float] = None
+) -> list[Stage]:
+    """Cull ``cache`` and check it removed what a sort chose; return its walks."""
+    walks: list[Stage] = []
+    removals = Removals()
+    report = cull(
+        cache, max_size, max_age_days, on_remove=removals, progress=count_walks(walks)
+    )
+    max_age_ns = None if max_age_days is None else round(max_age_days * DAY * S)
+    expected = sorted_choice(entries, max_size, max_age_ns, now_ns=time.time_ns())
+    assert sorted(removals.paths) == sorted(entry.path for entry in expected)
+    removed_bytes = sum(entry.size for entry in expected)
+    assert report == CullReport(
+        removed_files=len(expected),
+        removed_bytes=removed_bytes,
+        left_files=len(entries) - len(expected),
+        left_bytes=sum(entry.size for entry in entries) - removed_bytes,
+        failed_files=0,
+        dry_run=False,
+    )
+    expected_paths = {entry.path for entry in expected}
+    assert all(Path(entry.path).exists() == (entry.path not in expected_paths) for entry in entries)
+    return walks
+
+
+def spread_atimes(count: int, seed: int, days: float = 60) -> list[int]:
+    rng = random.Random(seed)
+    now = time.time_ns()
+    return [now - rng.randrange(S, round(days * DAY * S)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.7, 0.95, 1.2])
+def test_bounded_cull_chooses_what_a_sort_would(cache: Path, fraction: float) -> None:
+    entries = make_cache(cache, spread_atimes(3000, seed=1), seed=2)
+    total = sum(entry.size for entry in entries)
+    walks = check_against_sorted_choice(cache, entries, int(total * fraction))
+    # One walk to choose, one to remove; none to remove when under the limit.
+    assert walks == (["scanning"] if fraction > 1 else ["scanning", "removing"])
+
+
+def test_bounded_cull_with_max_age_chooses_what_a_sort_would(cache: Path) -> None:
+    entries = make_cache(cache, spread_atimes(3000, seed=3), seed=4)
+    total = sum(entry.size for entry in entries)
+    check_against_sorted_choice(cache, entries, total // 4, max_age_days=45.5)
+
+
+def test_bounded_cull_splits_a_full_boundary_bucket_exactly(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiny histograms, and room for few files of the boundary bucket: the
+    # boundary is split again and again, down to single nanoseconds, with
+    # equal atimes among the files (in path order).
+    monkeypatch.setattr(cull_module, "HISTOGRAM_BUCKETS", 8)
+    monkeypatch.setattr(cull_module, "BOUNDARY_FILES", 16)
+    rng = random.Random(5)
+    atimes = spread_atimes(2000, seed=6, days=1 / 24)
+    atimes += [rng.choice(atimes) for _ in range(500)]
+    entries = make_cache(cache, atimes, seed=7)
+    total = sum(entry.size for entry in entries)
+    walks = check_against_sorted_choice(cache, entries, total // 2)
+    assert walks.count("scanning") > 3 and walks[-1] == "removing"
+
+
+def test_many_files_of_one_atime_at_the_boundary_go_in_walk_order(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More files share the boundary's atime to the nanosecond than the last
+    # walk may keep aside: the first of them in the walk's order go.
+    monkeypatch.setattr(cull_module, "BOUNDARY_FILES", 16)
+    now = time.time_ns()
+    older = make_cache(cache / "older", [now - 3 * DAY * S - index for index in range(100)], 8)
+    tied = make_cache(cache / "tied", [now - 2 * DAY * S] * 300, 9)
+    newer = make_cache(cache / "newer", [now - DAY * S + index for index in range(100)], 10)
+    walk_order = [entry.path for entry in scan_cache(cache / "tied")]
+    sizes = {entry.path: entry.size for entry in tied}
+    older_bytes = sum(entry.size for entry in older)
+    total = older_bytes + sum(sizes.values()) + sum(entry.size for entry in newer)
+    # Down to a target that leaves about half the tied bytes.
+    max_size = (total - older_bytes - sum(sizes.values()) // 2) * 100 // 90
+    needed = total - max_size * 90 // 100 - older_bytes
+    expected_tied = []
+    for path in walk_order:
+        if needed <= 0:
+            break
+        expected_tied.append(path)
+        needed -= sizes[path]
+    removals = Removals()
+    cull(cache, max_size, on_remove=removals)
+    assert sorted(removals.paths) == sorted([entry.path for entry in older] + expected_tied)
+    assert 0 < len(expected_tied) < len(tied)
 
 
 # The progress line
@@ -366,7 +589,7 @@ def test_progress_line_draws_nothing_elsewhere() -> None:
 
 def run_cull(*arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pkgcache.cull", *arguments],
+        [sys.executable, "-m", "pkgcache.cull_cli", *arguments],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
