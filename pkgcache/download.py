@@ -111,6 +111,8 @@ class Download:
         self._paused_for_memory = False
         self._headers_waiters: list[Deferred[UpstreamResponse]] = []
         self._fetching: Optional[Deferred[None]] = None
+        #: holds one of the download slots (so it is fetching)
+        self.has_slot = False
         self.finished: Deferred[None] = Deferred()
 
     def start(self) -> None:
@@ -202,12 +204,14 @@ class Download:
     async def _fetch(self) -> None:
         """Fetch and spool the whole body, holding one of the download slots."""
         await self._slots.acquire()
+        self.has_slot = True
         try:
             response = await self._upstream.fetch(self.key)
             self._headers_known(response)
             self._spool = self._open_spool()
             await self._receive(response)
         finally:
+            self.has_slot = False
             self._slots.release()
         self.state = DownloadState.COMPLETE
         self._notify_followers()
@@ -430,7 +434,9 @@ class Downloads:
         return len(self._slots.waiting)
 
     def cancel_all(self) -> None:
-        for download in list(self._running):
+        # Those waiting for a slot first: cancelling a holder hands its slot
+        # on at once, and a waiting download would then ask a source.
+        for download in sorted(self._running, key=lambda download: download.has_slot):
             download.cancel()
 
     def _retired(self, download: Download) -> None:

@@ -180,9 +180,10 @@ class BodyProducer:
         """Start streaming; the request's headers must be set already."""
         self._source.attach(self)
         self._request.notifyFinish().addErrback(lambda _: self._client_gone())
-        if self._send_at_once():
-            return
+        # Registered even for a body sent in one write: a client that does
+        # not take it pauses us, and the stall timer runs until it does.
         self._request.registerProducer(self, True)
+        self._send_at_once()
         self._pump()
 
     def data_available(self) -> None:
@@ -206,21 +207,20 @@ class BodyProducer:
 
     # internals
 
-    def _send_at_once(self) -> bool:
+    def _send_at_once(self) -> None:
         """
-        Send a small body that is all there in one write, with no producer.
-
-        :return: whether it did (nothing is sent otherwise).
+        Send a small body that is all there in one write, rather than read
+        by read (nothing is sent unless all of it can be).
         """
         source = self._source
         if not source.complete:
-            return False
+            return
         size = sum(
             len(piece) if isinstance(piece, bytes) else _end(piece, source) - piece.start
             for piece in self._pieces
         )
         if size > READ_SIZE:
-            return False
+            return
         parts = []
         for piece in self._pieces:
             if isinstance(piece, bytes):
@@ -231,12 +231,11 @@ class BodyProducer:
             while offset < end:
                 data = source.read(offset, end - offset)
                 if not data:
-                    return False
+                    return
                 parts.append(data)
                 offset += len(data)
+        self._pieces = []
         self._request.write(b"".join(parts))
-        self._finish()
-        return True
 
     def _pump(self) -> None:
         if self._pumping or self._done:

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from pkgcache.cache_limit import CacheLimit
-from pkgcache.cull import CullReport, CullStopped, cull
+from pkgcache.cull import CullReport, cull
 from tests.clients import start_reading
 from tests.conftest import fetch, wait_for
 

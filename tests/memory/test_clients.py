@@ -6,7 +6,6 @@ before its first byte.
 
 from __future__ import annotations
 
-import pytest
 
 from pkgcache.responses import READ_SIZE
 
@@ -154,14 +153,6 @@ def test_a_client_of_a_hit_that_stops_reading_is_dropped(make_cache):
     assert cache.timers() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BodyProducer._send_at_once writes a body of up to READ_SIZE in one go "
-        "and finishes, with no producer and no stall timer: a client that "
-        "reads none of it holds its connection for ever"
-    ),
-)
 def test_a_client_of_a_small_hit_that_stops_reading_is_dropped(make_cache):
     cache = make_cache(client_stall_timeout=60)
     small = BIG[: READ_SIZE - 1000]  # sent in one write, more than a socket buffer

@@ -82,17 +82,7 @@ class _InsertionOrderedSet:
     "holder_cancelled",
     [
         "last",
-        pytest.param(
-            "first",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "Downloads.cancel_all cancels in set order: when the download "
-                    "holding the slot is cancelled first, its slot goes to the next "
-                    "waiting download, which asks a source during shutdown"
-                ),
-            ),
-        ),
+        "first",
     ],
 )
 def test_shutdown_starts_no_download_that_waited_for_a_slot(make_cache, network, holder_cancelled):
