@@ -27,6 +27,7 @@ Two things can go wrong after the headers:
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
@@ -34,12 +35,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pkgcache.chunks import ChunkBuffer
-from pkgcache.interfaces import IByteSource, IFollower
+from pkgcache.interfaces import IByteSource, IFollower, IPublicationCheck
 from pkgcache.metadata import EntryMetadata
 from pkgcache.paths import CacheKey
 from pkgcache.spool import SpoolWriter
 from pkgcache.sources import AllSourcesFailed
-from pkgcache.store import CacheStore, StoreClosed
+from pkgcache.store import CachedFile, CacheStore, StoreClosed
 from pkgcache.upstream import BodyFailed, BodyTooLarge, UpstreamClient, UpstreamResponse
 
 #: The source is paused when this much of its body waits in memory (for the
@@ -64,6 +65,9 @@ class DownloadState(enum.Enum):
     UNCACHED = "uncached"
     #: every byte arrived (and was published, if it could be)
     COMPLETE = "complete"
+    #: a revalidation: the source said the cached copy is still its file,
+    #: so clients are answered from that copy
+    NOT_MODIFIED = "not modified"
     #: no source provided it, it broke off, or it was cancelled
     FAILED = "failed"
 
@@ -71,7 +75,9 @@ class DownloadState(enum.Enum):
 @implementer(IByteSource)
 class Download:
     """
-    A fetch of ``key`` in progress.
+    A fetch of ``key`` in progress: of a file not in the cache, or, when
+    ``revalidating`` a stale copy, a conditional fetch that either confirms
+    the copy (304) or brings its replacement exactly as a miss does.
 
     :ivar state: where it stands (:class:`DownloadState`).
     :ivar response: the first source's response, once it answered: its
@@ -92,8 +98,19 @@ class Download:
         upstream: UpstreamClient,
         slots: DeferredSemaphore,
         on_retired: Callable[["Download"], None],
+        *,
+        clock,
+        revalidating: Optional[CachedFile] = None,
+        digest: bool = False,
+        check: Optional[IPublicationCheck] = None,
     ) -> None:
         self.key = key
+        self._clock = clock
+        self._stale = revalidating
+        self.revalidating = revalidating is not None
+        self._digest = hashlib.sha256() if digest else None
+        self._check = check
+        self.checked_at = 0.0
         self._store = store
         self._upstream = upstream
         self._slots = slots
@@ -119,6 +136,11 @@ class Download:
         Deferred.fromCoroutine(self._run()).addErrback(
             lambda failure: log.failure("download of {path} broke", failure, path=str(self.key))
         )
+
+    @property
+    def caching(self) -> bool:
+        """The body is being spooled, to be published once complete."""
+        return self.state is DownloadState.RECEIVING and self._spool is not None
 
     def cancel(self) -> None:
         """Give up (on shutdown): followers are cut off, nothing is published."""
@@ -197,6 +219,9 @@ class Download:
             self._fetching = None
             if self._spool is not None:
                 await self._spool.discard()
+            if self._stale is not None:
+                self._stale.close()
+                self._stale = None
             self._retire()
             self.finished.callback(None)
             self._release_if_unused()
@@ -206,7 +231,14 @@ class Download:
         await self._slots.acquire()
         self.has_slot = True
         try:
-            response = await self._upstream.fetch(self.key)
+            response = await self._upstream.fetch(
+                self.key,
+                revalidating=self._stale.metadata if self._stale is not None else None,
+            )
+            self.checked_at = self._clock.seconds()
+            if response.not_modified:
+                await self._confirm_copy(response)
+                return
             self._headers_known(response)
             self._spool = self._open_spool()
             await self._receive(response)
@@ -215,6 +247,27 @@ class Download:
             self._slots.release()
         self.state = DownloadState.COMPLETE
         self._notify_followers()
+
+    async def _confirm_copy(self, response: UpstreamResponse) -> None:
+        """
+        The stale copy is current: record the check on it (so that it is
+        fresh again, after a restart too), then let the clients read it.
+        """
+        assert self._stale is not None
+        metadata = self._stale.metadata.checked_at(self.checked_at, response.header(b"etag"))
+        try:
+            await self._store.in_disk_thread(metadata.write, self._stale.fd)
+        except StoreClosed:
+            pass
+        except OSError as error:
+            log.error("could not record the check of {path}: {error}",
+                      path=str(self.key), error=error)
+        self.response = response
+        self.state = DownloadState.NOT_MODIFIED
+        self._retire()
+        waiters, self._headers_waiters = self._headers_waiters, []
+        for waiter in waiters:
+            waiter.callback(response)
 
     def _headers_known(self, response: UpstreamResponse) -> None:
         self.response = response
@@ -297,6 +350,8 @@ class Download:
     def _received_chunk(self, data: bytes) -> None:
         self._buffer.append(data)
         self.received += len(data)
+        if self._digest is not None:
+            self._digest.update(data)
         if self._spool is not None:
             self._spool.append(data)
         self._notify_followers()
@@ -344,9 +399,19 @@ class Download:
 
     async def _publish(self) -> None:
         spool = self._spool
-        if spool is None or spool.failure is not None or self.response is None:
+        response = self.response
+        if spool is None or spool.failure is not None or response is None:
             return
-        metadata = EntryMetadata(content_type=self.response.content_type)
+        metadata = EntryMetadata(
+            content_type=response.content_type,
+            etag=response.header(b"etag"),
+            last_modified=response.header(b"last-modified"),
+            source=response.source.text,
+            checked=self.checked_at,
+            sha256=self._digest.hexdigest() if self._digest is not None else None,
+        )
+        if self._check is not None and not self._check.may_publish(self.key, metadata, self.read):
+            return
         try:
             await spool.commit(self.last_modified, metadata)
         except StoreClosed:
@@ -356,6 +421,8 @@ class Download:
         else:
             log.info("cached {path} ({length} bytes)", path=str(self.key), length=self.received)
             self._store.published(self.received)
+            if self._check is not None:
+                self._check.published(self.key, metadata, self.read)
 
     def _fail(self, reason: BaseException) -> None:
         self.failure = reason
@@ -396,10 +463,18 @@ class Downloads:
     """
 
     def __init__(
-        self, store: CacheStore, upstream: UpstreamClient, max_downloads: Optional[int] = None
+        self,
+        store: CacheStore,
+        upstream: UpstreamClient,
+        max_downloads: Optional[int] = None,
+        *,
+        clock=None,
+        check: Optional[IPublicationCheck] = None,
     ) -> None:
         self._store = store
         self._upstream = upstream
+        self._clock = clock if clock is not None else upstream.clock
+        self._check = check
         self.max_downloads = max_downloads
         self._slots = DeferredSemaphore(max_downloads if max_downloads else 2**31)
         self._by_key: dict[CacheKey, Download] = {}
@@ -407,14 +482,28 @@ class Downloads:
         # failed and winding down): they still run until they end.
         self._running: set[Download] = set()
 
-    def join_or_start(self, key: CacheKey) -> tuple[Download, bool]:
+    def join_or_start(
+        self, key: CacheKey, *, revalidating: Optional[CachedFile] = None, volatile: bool = False
+    ) -> tuple[Download, bool]:
         """
+        :param revalidating: the stale copy of ``key``, to revalidate; the
+            download closes it once done (at once, if one was running).
+        :param volatile: the file may change in place: its digest is kept,
+            and the publication check is asked before it is published.
         :return: the download of ``key``, and whether it was already running.
         """
         download = self._by_key.get(key)
         if download is not None:
+            if revalidating is not None:
+                revalidating.close()
             return download, True
-        download = Download(key, self._store, self._upstream, self._slots, self._retired)
+        download = Download(
+            key, self._store, self._upstream, self._slots, self._retired,
+            clock=self._clock,
+            revalidating=revalidating,
+            digest=volatile,
+            check=self._check if volatile else None,
+        )
         self._by_key[key] = download
         self._running.add(download)
         download.finished.addBoth(lambda _: self._running.discard(download))

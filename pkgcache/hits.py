@@ -43,7 +43,9 @@ def serve_hit(
     request: Request, cached: CachedFile, *, clock: IReactorTime, stall_timeout: float
 ) -> None:
     """Answer ``request`` from ``cached``, and close it once done."""
-    entity = Entity(cached.size, cached.mtime, cached.metadata.served_content_type)
+    entity = Entity(
+        cached.size, cached.mtime, cached.metadata.served_content_type, cached.metadata.etag
+    )
     source = _FileBytes(cached)
     producer = send_entity(
         request, entity, source,

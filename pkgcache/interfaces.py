@@ -40,3 +40,24 @@ class IByteSource(Interface):
 
     def follower_advanced() -> None:
         """A reader read on (so memory it no longer needs may go)."""
+
+
+class IPublicationCheck(Interface):
+    """
+    What an ecosystem knows about whether a downloaded file belongs in the
+    cache: Debian's indexes must match the ``InRelease`` that lists them
+    (:mod:`pkgcache.kinds.debian`).  A download asks before it publishes,
+    and says so after.
+    """
+
+    def may_publish(key, metadata, read) -> bool:
+        """
+        Whether the complete body of ``key`` (``metadata`` has its SHA-256;
+        ``read(offset, length)`` reads it) may replace the cached copy.
+        """
+
+    def published(key, metadata, read) -> None:
+        """``key`` was just published with ``metadata``."""
+
+    def is_consistent(key, metadata) -> bool:
+        """Whether a cached copy of ``key`` may still be served as fresh."""

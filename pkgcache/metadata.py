@@ -1,5 +1,6 @@
 """
-What pkgcache keeps about a cached file besides its bytes and mtime.
+What pkgcache keeps about a cached file besides its bytes and mtime: its
+content type, its validators and when it was last checked with its source.
 
 It is kept in an extended attribute of the file itself (``user.pkgcache``,
 a small JSON object), so that it is written on the spool before the rename
@@ -15,7 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from twisted.logger import Logger
@@ -33,19 +34,44 @@ class EntryMetadata:
     """
     :ivar content_type: the ``Content-Type`` the source sent, if any: hits
         are labelled as the miss was, never by a guess from the name.
+    :ivar etag: the source's ``ETag``, sent back to it to revalidate, and
+        to clients (whose ``If-None-Match`` it answers).
+    :ivar last_modified: the source's ``Last-Modified``, exactly as sent,
+        for ``If-Modified-Since`` (the file's mtime holds it as a time).
+    :ivar source: the source the copy came from: validators are only
+        meaningful to it.
+    :ivar checked: when the copy was last known to match its source
+        (fetched, or revalidated), in seconds since the epoch.
+    :ivar sha256: the SHA-256 of the bytes (hex), for files whose
+        consistency with an index is checked (Debian's).
     """
 
     content_type: Optional[bytes] = None
+    etag: Optional[bytes] = None
+    last_modified: Optional[bytes] = None
+    source: Optional[str] = None
+    checked: Optional[float] = None
+    sha256: Optional[str] = None
 
     @property
     def served_content_type(self) -> bytes:
         return self.content_type or DEFAULT_CONTENT_TYPE
 
+    def checked_at(self, when: float, etag: Optional[bytes] = None) -> "EntryMetadata":
+        """The same copy, found to match its source at ``when``."""
+        return replace(self, checked=when, etag=etag if etag is not None else self.etag)
+
     def write(self, fd: int) -> None:
         """Attach to the open file ``fd`` (blocks: disk thread only)."""
         fields = {}
-        if self.content_type is not None:
-            fields["content-type"] = self.content_type.decode("latin-1")
+        for name in _BYTES_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                fields[name.replace("_", "-")] = value.decode("latin-1")
+        for name in _OTHER_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
         try:
             os.setxattr(fd, XATTR_NAME, json.dumps(fields).encode("utf-8"))
         except OSError as error:
@@ -60,10 +86,22 @@ class EntryMetadata:
             fields = json.loads(os.getxattr(fd, XATTR_NAME))
         except (OSError, ValueError):
             return cls()
-        content_type = fields.get("content-type") if isinstance(fields, dict) else None
-        return cls(
-            content_type=content_type.encode("latin-1") if isinstance(content_type, str) else None
-        )
+        if not isinstance(fields, dict):
+            return cls()
+        values: dict = {}
+        for name in _BYTES_FIELDS:
+            value = fields.get(name.replace("_", "-"))
+            if isinstance(value, str):
+                values[name] = value.encode("latin-1", "replace")
+        for name, kinds in _OTHER_FIELDS.items():
+            value = fields.get(name)
+            if isinstance(value, kinds) and not isinstance(value, bool):
+                values[name] = value
+        return cls(**values)
+
+
+_BYTES_FIELDS = ("content_type", "etag", "last_modified")
+_OTHER_FIELDS = {"source": (str,), "checked": (int, float), "sha256": (str,)}
 
 
 def _warn_unsupported(error: OSError) -> None:

@@ -25,7 +25,9 @@ class Metrics:
         self.requests = Counter(
             "pkgcache_requests",
             "Requests answered, by outcome: hit, miss, coalesced (joined a "
-            "download in progress) or error.",
+            "download in progress), revalidated (a stale copy its source "
+            "confirmed), stale (served when no source could revalidate it), "
+            "negative (a remembered 404) or error.",
             ["outcome"],
             registry=self.registry,
         )
@@ -44,6 +46,24 @@ class Metrics:
         self.failovers = Counter(
             "pkgcache_failovers",
             "Times a source failed and the next one was tried (or a body resumed from it).",
+            registry=self.registry,
+        )
+        self.revalidations = Counter(
+            "pkgcache_revalidations",
+            "Revalidations of stale volatile files with their source, by result: "
+            "not-modified (304), modified (a new copy) or failed (no source answered).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.stale_answers = Counter(
+            "pkgcache_stale_answers",
+            "Stale copies served because no source could revalidate them (--stale-if-error).",
+            registry=self.registry,
+        )
+        self.negative_hits = Counter(
+            "pkgcache_negative_hits",
+            "404s answered from memory: every source said 404 less than "
+            "--negative-max-age ago.",
             registry=self.registry,
         )
         self.in_flight = Gauge(
@@ -87,6 +107,9 @@ class Metrics:
         origin = outcome.body_origin
         if origin is not None and body_bytes:
             self.served_bytes.labels(origin).inc(body_bytes)
+
+    def revalidated(self, result: str) -> None:
+        self.revalidations.labels(result).inc()
 
     def upstream_answered(self, source: str, status: str) -> None:
         self.upstream_requests.labels(source, status).inc()

@@ -16,13 +16,19 @@ class Outcome(enum.Enum):
     MISS = "miss"
     #: joined a download already in progress
     COALESCED = "coalesced"
+    #: a stale copy, confirmed by its source (304), served from the cache
+    REVALIDATED = "revalidated"
+    #: a stale copy served because no source could revalidate it
+    STALE = "stale"
+    #: a 404 remembered from the sources, none of them asked again
+    NEGATIVE = "negative"
     #: an error answer: bad request, no source had it, shutting down...
     ERROR = "error"
 
     @property
     def body_origin(self) -> Optional[str]:
         """Where the body came from, for the served-bytes metric."""
-        if self is Outcome.HIT:
+        if self in (Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE):
             return "cache"
         if self in (Outcome.MISS, Outcome.COALESCED):
             return "source"

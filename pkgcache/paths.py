@@ -21,6 +21,10 @@ MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 2048
 #: Names the store keeps for itself at the top of the cache directory.
 RESERVED_TOP_LEVEL_NAMES = frozenset({".pkgcache-spool"})
+#: The name a directory URL's document (``/simple/pkg/``) is stored under,
+#: inside that directory: refused in requests, so that no file of a mirror
+#: tree can be stored there too.
+DIRECTORY_DOCUMENT = ".pkgcache-index"
 
 _FORBIDDEN_CHARACTERS = ("/", "\\", "\0")
 
@@ -46,12 +50,16 @@ class CacheKey:
 
     Segments are non-empty, are not ``.`` or ``..``, and hold no slash,
     backslash or NUL: joining them under any base directory stays under it.
+
+    :ivar directory: the path ended with a slash (``/simple/pkg/``): it
+        names the document a source serves for that directory.
     """
 
     segments: tuple[str, ...]
+    directory: bool = False
 
     def __str__(self) -> str:
-        return "/" + "/".join(self.segments)
+        return "/" + "/".join(self.segments) + ("/" if self.directory else "")
 
 
 def cache_key_from_postpath(postpath: Sequence[bytes]) -> CacheKey:
@@ -65,13 +73,14 @@ def cache_key_from_postpath(postpath: Sequence[bytes]) -> CacheKey:
     if len(b"/".join(postpath)) > MAX_PATH_BYTES:
         raise UnsafePath("path too long")
     *parents, name = postpath
-    if name == b"" and parents:
-        # A trailing slash asks for a directory: we never list the cache.
-        raise UnsafePath("directories are not served", status=404)
+    directory = name == b"" and bool(parents)
+    if directory:
+        # A directory URL: its source's document, never a listing of ours.
+        postpath = parents
     segments = tuple(_checked_segment(raw) for raw in postpath)
-    if segments[0] in RESERVED_TOP_LEVEL_NAMES:
+    if segments[0] in RESERVED_TOP_LEVEL_NAMES or DIRECTORY_DOCUMENT in segments:
         raise UnsafePath("reserved name", status=404)
-    return CacheKey(segments)
+    return CacheKey(segments, directory)
 
 
 def _checked_segment(raw: bytes) -> str:

@@ -18,16 +18,20 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgcache.accesslog import AccessLog
-from pkgcache.download import Downloads
+from pkgcache.download import Download, Downloads
+from pkgcache.freshness import (
+    DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR, Freshness,
+)
 from pkgcache.hits import serve_hit
+from pkgcache.kinds.debian import ReleaseTracker, is_release_file
 from pkgcache.metadata import DEFAULT_CONTENT_TYPE
 from pkgcache.metrics import Metrics
 from pkgcache.outcomes import Outcome
 from pkgcache.paths import CacheKey, UnsafePath, cache_key_from_postpath
 from pkgcache.responses import Entity, failure_response, send_entity, send_error
 from pkgcache.sources import AllSourcesFailed, Source
-from pkgcache.store import CacheStore
-from pkgcache.upstream import UpstreamClient
+from pkgcache.store import CachedFile, CacheStore
+from pkgcache.upstream import UpstreamClient, UpstreamResponse
 
 ALLOWED_METHODS = (b"GET", b"HEAD")
 
@@ -41,6 +45,34 @@ class _RequestRecord:
     outcome: Outcome = Outcome.ERROR
     source: str = "-"
     started: float = 0.0
+
+
+def _cache_status(request: Request, *parameters: str) -> None:
+    """Say what the cache did, as RFC 9211 ``Cache-Status`` does."""
+    request.setHeader(b"cache-status", "; ".join(("pkgcache",) + parameters).encode("ascii"))
+
+
+def _client_max_age(request: Request) -> Optional[float]:
+    """
+    How old a copy the client accepts, by its ``Cache-Control``
+    (``no-cache`` is 0; ``Pragma: no-cache`` too, for HTTP/1.0 clients);
+    ``None`` if it did not say.
+    """
+    header = request.getHeader(b"cache-control")
+    if header is None:
+        return 0.0 if request.getHeader(b"pragma") == b"no-cache" else None
+    limit = None
+    for directive in header.split(b","):
+        name, _, value = directive.strip().partition(b"=")
+        name = name.lower()
+        if name == b"no-cache":
+            return 0.0
+        if name == b"max-age":
+            try:
+                limit = float(int(value.strip(b'"')))
+            except ValueError:
+                return 0.0
+    return limit
 
 
 class PackageCacheResource(Resource):
@@ -70,6 +102,9 @@ class PackageCacheResource(Resource):
         once; more misses wait, in order.
     :param store: the cache directory's store (default: one for
         ``cache_dir``), to share it or to run its disk work differently.
+    :param volatile: more patterns of files that change in place (see
+        :class:`~pkgcache.freshness.Freshness`, as are the ages).
+    :param clock: tells the time for freshness (default: ``reactor``).
     """
 
     isLeaf = True
@@ -89,6 +124,11 @@ class PackageCacheResource(Resource):
         max_file_size: Optional[int] = None,
         max_downloads: Optional[int] = None,
         store: Optional[CacheStore] = None,
+        volatile: Sequence[str] = (),
+        volatile_max_age: float = DEFAULT_MAX_AGE,
+        negative_max_age: float = DEFAULT_NEGATIVE_MAX_AGE,
+        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
+        clock=None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -114,7 +154,18 @@ class PackageCacheResource(Resource):
                 cache_dir if isinstance(cache_dir, FilePath) else FilePath(cache_dir), reactor
             )
         self.store = store
-        self.downloads = Downloads(self.store, self.upstream, max_downloads)
+        self.freshness = Freshness(
+            volatile,
+            max_age=volatile_max_age,
+            negative_max_age=negative_max_age,
+            stale_if_error=stale_if_error,
+            clock=clock if clock is not None else reactor,
+        )
+        self.releases = ReleaseTracker(store, self._revalidate_now)
+        self.downloads = Downloads(
+            self.store, self.upstream, max_downloads,
+            clock=self.freshness.clock, check=self.releases,
+        )
         self.metrics.count_downloads(lambda: len(self.downloads), lambda: self.downloads.waiting)
 
     def close(self) -> "Deferred[None]":
@@ -160,32 +211,110 @@ class PackageCacheResource(Resource):
             cached = self.store.open_file(key)
         except IsADirectoryError:
             return send_error(request, http.NOT_FOUND, "directories are not served")
+        volatile = self.freshness.is_volatile(key)
+        client_max_age = _client_max_age(request) if volatile else None
         if cached is not None:
+            if not volatile:
+                _cache_status(request, "hit")
+            elif self.freshness.is_fresh(cached.metadata, client_max_age) and (
+                self.releases.is_consistent(key, cached.metadata)
+            ):
+                _cache_status(request, "hit", f"ttl={self.freshness.ttl(cached.metadata)}")
+            else:
+                forced = client_max_age is not None and self.freshness.is_fresh(cached.metadata)
+                return self._miss(request, key, record, cached, volatile, forced)
             record.outcome = Outcome.HIT
-            return serve_hit(
-                request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout
-            )
-        miss = self._head_miss if request.method == b"HEAD" else self._get_miss
-        Deferred.fromCoroutine(miss(request, key, record)).addErrback(
-            self._unexpected, request, record
-        )
+            return self._serve_copy(request, cached)
+        if key in self.freshness.negative and client_max_age != 0:
+            record.outcome = Outcome.NEGATIVE
+            self.metrics.negative_hits.inc()
+            _cache_status(request, "hit", "detail=negative")
+            return send_error(request, http.NOT_FOUND, "no source has this file (remembered)")
+        self._miss(request, key, record, None, volatile, False)
 
-    async def _get_miss(self, request: Request, key: CacheKey, record: _RequestRecord) -> None:
+    def _miss(
+        self,
+        request: Request,
+        key: CacheKey,
+        record: _RequestRecord,
+        stale: Optional[CachedFile],
+        volatile: bool,
+        forced: bool,
+    ) -> None:
+        if request.method == b"HEAD" and stale is None:
+            answering = self._head_miss(request, key, record)
+        else:
+            answering = self._get_miss(request, key, record, stale, volatile, forced)
+        Deferred.fromCoroutine(answering).addErrback(self._unexpected, request, record)
+
+    def _serve_copy(self, request: Request, cached: CachedFile) -> None:
+        serve_hit(request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout)
+
+    async def _get_miss(
+        self,
+        request: Request,
+        key: CacheKey,
+        record: _RequestRecord,
+        stale: Optional[CachedFile],
+        volatile: bool,
+        forced: bool,
+    ) -> None:
+        """
+        Answer from the download of ``key``: a miss, or the revalidation of
+        a ``stale`` copy (``forced`` by the client's ``Cache-Control``).
+        """
         client_gone = _watch_disconnect(request)
-        download, joined = self.downloads.join_or_start(key)
+        download, joined = self.downloads.join_or_start(key, revalidating=stale, volatile=volatile)
+        forwarded = "fwd=" + ("request" if forced else "stale" if stale is not None else "miss")
         record.outcome = Outcome.COALESCED if joined else Outcome.MISS
         try:
             response = await download.when_headers_known()
-        except (AllSourcesFailed, CancelledError) as failed:
+        except CancelledError as failed:
             record.outcome = Outcome.ERROR
             return send_error(request, *failure_response(failed))
+        except AllSourcesFailed as failed:
+            self._sources_failed(key, failed, revalidation=stale is not None, counted=not joined)
+            if stale is not None and not failed.not_found and self._serve_stale(request, key, record):
+                return
+            record.outcome = Outcome.ERROR
+            _cache_status(request, forwarded, *_failure_detail(failed))
+            return send_error(request, *failure_response(failed))
         record.source = str(response.source)
+        if response.not_modified:
+            if not joined:
+                self.metrics.revalidated("not-modified")
+            record.outcome = Outcome.REVALIDATED
+            if client_gone:
+                return
+            _cache_status(request, forwarded, "fwd-status=304")
+            return self._answer_from_store(request, key)
+        if stale is not None and not joined:
+            self.metrics.revalidated("modified")
+        if is_release_file(str(key)):
+            # Checked before anyone sees it: an older one than we have is
+            # refused, and its listed indexes checked (kinds.debian).
+            await download.finished
+            if client_gone:
+                return
+            _cache_status(request, forwarded, f"fwd-status={response.code}")
+            return self._answer_from_store(request, key)
         if client_gone:
             return
+        _cache_status(
+            request, forwarded, f"fwd-status={response.code}",
+            *(["stored"] if download.caching else []),
+            *(["collapsed"] if joined else []),
+        )
+        self._stream(request, key, download, response)
+
+    def _stream(
+        self, request: Request, key: CacheKey, download: Download, response: UpstreamResponse
+    ) -> None:
         entity = Entity(
             download.length,
             download.last_modified,
             response.content_type or DEFAULT_CONTENT_TYPE,
+            response.header(b"etag"),
         )
         producer = send_entity(
             request, entity, download,
@@ -193,6 +322,49 @@ class PackageCacheResource(Resource):
         )
         if producer is not None:
             producer.start()
+
+    def _answer_from_store(self, request: Request, key: CacheKey) -> None:
+        """Serve the copy in the cache now (just confirmed or replaced)."""
+        try:
+            cached = self.store.open_file(key)
+        except IsADirectoryError:
+            cached = None
+        if cached is None:
+            return send_error(request, http.BAD_GATEWAY, "the file could not be stored")
+        self._serve_copy(request, cached)
+
+    def _serve_stale(self, request: Request, key: CacheKey, record: _RequestRecord) -> bool:
+        """Serve the stale copy of ``key`` if it is young enough for that."""
+        cached = self.store.open_file(key)
+        if cached is None:
+            return False
+        if not self.freshness.may_serve_stale(cached.metadata):
+            cached.close()
+            return False
+        log.warn("serving a stale copy of {path}: no source could revalidate it", path=str(key))
+        record.outcome = Outcome.STALE
+        self.metrics.stale_answers.inc()
+        _cache_status(request, "hit", "detail=stale-if-error")
+        self._serve_copy(request, cached)
+        return True
+
+    def _sources_failed(
+        self, key: CacheKey, failed: AllSourcesFailed, *, revalidation: bool, counted: bool
+    ) -> None:
+        """Remember a 404 from every source; count a failed revalidation once."""
+        if failed.not_found:
+            self.freshness.negative.remember(key)
+        if revalidation and counted:
+            self.metrics.revalidated("failed")
+
+    def _revalidate_now(self, key: CacheKey) -> None:
+        """Revalidate a cached copy with no client waiting (it is known stale)."""
+        if self.downloads.in_flight(key) is not None or not self.store.running:
+            return
+        cached = self.store.open_file(key)
+        if cached is not None:
+            log.info("revalidating {path}: it no longer matches its index", path=str(key))
+            self.downloads.join_or_start(key, revalidating=cached, volatile=True)
 
     async def _head_miss(self, request: Request, key: CacheKey, record: _RequestRecord) -> None:
         """
@@ -208,14 +380,18 @@ class PackageCacheResource(Resource):
             try:
                 response = await self.upstream.fetch(key, method=b"HEAD")
             except AllSourcesFailed as failed:
+                self._sources_failed(key, failed, revalidation=False, counted=False)
                 record.outcome = Outcome.ERROR
+                _cache_status(request, "fwd=miss", *_failure_detail(failed))
                 return send_error(request, *failure_response(failed))
             last_modified = response.last_modified or self._reactor.seconds()
         record.source = str(response.source)
         if client_gone:
             return
+        _cache_status(request, "fwd=miss", f"fwd-status={response.code}")
         entity = Entity(
-            response.total_length, last_modified, response.content_type or DEFAULT_CONTENT_TYPE
+            response.total_length, last_modified,
+            response.content_type or DEFAULT_CONTENT_TYPE, response.header(b"etag"),
         )
         send_entity(
             request, entity, download,
@@ -253,6 +429,12 @@ class PackageCacheResource(Resource):
         self.metrics.request_finished(record.outcome, request.sentLength)
         if self._access_log is not None:
             self._access_log.record(request, record.outcome, dropped)
+
+
+def _failure_detail(failed: AllSourcesFailed) -> list[str]:
+    if failed.not_found:
+        return ["fwd-status=404"]
+    return ["detail=no-source"]
 
 
 def _watch_disconnect(request: Request) -> list:

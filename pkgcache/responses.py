@@ -44,11 +44,13 @@ class Entity:
 
     :ivar length: its length, if known (a chunked miss may not know it).
     :ivar last_modified: seconds since the epoch.
+    :ivar etag: the source's entity tag, if it sent one.
     """
 
     length: Optional[int]
     last_modified: float
     content_type: bytes
+    etag: Optional[bytes] = None
 
 
 class _Span:
@@ -83,7 +85,8 @@ def send_entity(
     request.setHeader(b"x-content-type-options", b"nosniff")
     if entity.length is not None:
         request.setHeader(b"accept-ranges", b"bytes")
-    if request.setLastModified(entity.last_modified) == http.CACHED:
+    if _not_modified(request, entity):
+        request.setResponseCode(http.NOT_MODIFIED)
         request.finish()
         return None
     pieces = _plan_body(request, entity)
@@ -95,14 +98,34 @@ def send_entity(
     )
 
 
+def _not_modified(request: Request, entity: Entity) -> bool:
+    """
+    Whether the client's copy is current: by ``If-None-Match`` if it sent
+    one (weak comparison, RFC 9110 13.1.2), else by ``If-Modified-Since``.
+    Sets ``ETag`` and ``Last-Modified`` either way.
+    """
+    if entity.etag is not None:
+        request.setHeader(b"etag", entity.etag)
+    if_none_match = request.getHeader(b"if-none-match")
+    if if_none_match is None:
+        return request.setLastModified(entity.last_modified) == http.CACHED
+    request.lastModified = math.ceil(entity.last_modified)
+    if entity.etag is None:
+        return False
+    tags = {tag.strip().removeprefix(b"W/") for tag in if_none_match.split(b",")}
+    return b"*" in tags or entity.etag.removeprefix(b"W/") in tags
+
+
 def _plan_body(request: Request, entity: Entity) -> list[_Piece]:
     """Set the status and length headers; return what the body is made of."""
     length = entity.length
     ranges = requested_ranges(request.getHeader(b"range"), length)
     if_range = request.getHeader(b"if-range")
     if ranges is not None and if_range is not None:
-        # Only a date validator can match: a cached file has no ETag.
-        if if_range != http.datetimeToString(math.ceil(entity.last_modified)):
+        # A strong match only: a weak tag or another date means a new file.
+        date = http.datetimeToString(math.ceil(entity.last_modified))
+        strong = entity.etag is not None and not entity.etag.startswith(b"W/")
+        if if_range != date and not (strong and if_range == entity.etag):
             ranges = None
     if ranges is None:
         if length is not None:
@@ -293,8 +316,12 @@ class BodyProducer:
         if request.producer is not None:
             request.unregisterProducer()
         if not request.startedWriting:
+            cache_status = request.responseHeaders.getRawHeaders(b"cache-status")
             request.responseHeaders = Headers()
+            if cache_status:
+                request.responseHeaders.setRawHeaders(b"cache-status", cache_status)
             request.lastModified = None
+            request.etag = None
             status, message = failure_response(reason)
             send_error(request, status, message)
         elif request.responseHeaders.hasHeader(b"content-length") or request.chunked:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from hyperlink import DecodedURL
 from twisted.internet.interfaces import IReactorTime
@@ -53,7 +53,8 @@ class Source:
             # hyperlink's child() keeps an empty last segment: drop it so
             # "https://m/" and "https://m" both give "https://m/x".
             base = base.replace(path=base.path[:-1])
-        return base.child(*key.segments).to_uri().to_text()
+        segments = key.segments + ("",) if key.directory else key.segments
+        return base.child(*segments).to_uri().to_text()
 
     def __str__(self) -> str:
         return self.text
@@ -98,11 +99,21 @@ class AllSourcesFailed(Exception):
     No source provided the file.
 
     :ivar attempts: every source's failure, in the order tried.
+    :ivar configured: how many sources there are (so whether all were asked).
     """
 
-    def __init__(self, attempts: Sequence[Attempt]) -> None:
+    def __init__(self, attempts: Sequence[Attempt], configured: Optional[int] = None) -> None:
         super().__init__("; ".join(str(attempt) for attempt in attempts))
         self.attempts = list(attempts)
+        self.configured = len(self.attempts) if configured is None else configured
+
+    @property
+    def not_found(self) -> bool:
+        """
+        Every configured source was asked and said 404 or 410: an answer
+        worth remembering, unlike a failure of any other kind.
+        """
+        return len(self.attempts) >= self.configured and self.status == http.NOT_FOUND
 
     @property
     def status(self) -> int:

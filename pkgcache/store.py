@@ -4,7 +4,8 @@ the threads that do the disk's blocking work.
 
 Layout::
 
-    CACHE_DIR/distfiles/ab/foo-1.2.tar.gz   published, complete, immutable
+    CACHE_DIR/distfiles/ab/foo-1.2.tar.gz   published, complete
+    CACHE_DIR/simple/foo/.pkgcache-index   the document of the URL /simple/foo/
     CACHE_DIR/.pkgcache-spool/<random>.foo-1.2.tar.gz   being downloaded
 
 Spools live in a directory of the cache itself, so that publication is a
@@ -40,7 +41,7 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from pkgcache.metadata import EntryMetadata
-from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey
+from pkgcache.paths import DIRECTORY_DOCUMENT, RESERVED_TOP_LEVEL_NAMES, CacheKey
 from pkgcache.spool import DiskRunner, SpoolWriter
 
 SPOOL_DIR_NAME = ".pkgcache-spool"
@@ -184,12 +185,14 @@ class CacheStore:
         Where ``key`` is (or would be) published.
 
         :class:`CacheKey` segments are safe already; ``FilePath.child``
-        checks again, so this can never name a file outside the cache.
+        checks again, so this can never name a file outside the cache.  A
+        directory URL's document is a file inside that directory, under a
+        name no request can ask for.
         """
         path = self.cache_dir
         for segment in key.segments:
             path = path.child(segment)
-        return path
+        return path.child(DIRECTORY_DOCUMENT) if key.directory else path
 
     def open_file(self, key: CacheKey) -> Optional[CachedFile]:
         """

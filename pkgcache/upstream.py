@@ -34,6 +34,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from pkgcache import __version__
+from pkgcache.metadata import EntryMetadata
 from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
 from pkgcache.redirects import DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins
@@ -184,13 +185,21 @@ class UpstreamResponse:
         )
 
     @property
+    def not_modified(self) -> bool:
+        """The source said the copy we have is still its file (304)."""
+        return self.code == http.NOT_MODIFIED
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        return self.headers.getRawHeaders(name, [None])[0]
+
+    @property
     def content_type(self) -> Optional[bytes]:
-        return self.headers.getRawHeaders(b"content-type", [None])[0]
+        return self.header(b"content-type")
 
     @property
     def last_modified(self) -> Optional[float]:
         """``Last-Modified`` as seconds since the epoch, or ``None``."""
-        value = self.headers.getRawHeaders(b"last-modified", [None])[0]
+        value = self.header(b"last-modified")
         if value is None:
             return None
         try:
@@ -316,6 +325,7 @@ class UpstreamClient:
         offset: int = 0,
         total_length: Optional[int] = None,
         after: Optional[Source] = None,
+        revalidating: Optional[EntryMetadata] = None,
     ) -> UpstreamResponse:
         """
         Ask each source in turn for ``key`` until one answers usably.
@@ -326,27 +336,32 @@ class UpstreamClient:
         :param after: start with the source configured after this one,
             coming back round to it last (a resume prefers the next mirror);
             by default, the configured order.
+        :param revalidating: what we know of a cached copy: the source it
+            came from is asked first, with its validators (a 304 from it
+            is a usable answer); the others are asked plainly.
         :raises AllSourcesFailed: if none did.
         """
         attempts: list[Attempt] = []
         if offset:
             self.metrics.failovers.inc()
-        for source in self._ordered(after):
+        producer = self._source_named(revalidating.source) if revalidating else None
+        for source in self._ordered(after, first=producer):
             if attempts:
                 self.metrics.failovers.inc()
+            validators = revalidating if source is producer else None
             try:
-                response = await self._try(source, key, method, offset, total_length)
+                response = await self._try(source, key, method, offset, total_length, validators)
             except _SourceFailed as failed:
                 attempt = Attempt(source, failed.kind, failed.detail)
                 attempts.append(attempt)
                 self._record_failure(attempt, key)
                 continue
-            if method == b"HEAD":
+            if method == b"HEAD" or response.not_modified:
                 # A GET's source has proved itself only once its body is in:
                 # see report_body_complete.
                 self.health.record_success(source)
             return response
-        raise AllSourcesFailed(attempts)
+        raise AllSourcesFailed(attempts, len(self.sources))
 
     def report_body_complete(self, source: Source) -> None:
         """A whole body came from ``source``: forget its past failures."""
@@ -358,12 +373,18 @@ class UpstreamClient:
         """
         self._record_failure(Attempt(source, FailureKind.CONNECTION, reason), key)
 
-    def _ordered(self, after: Optional[Source]) -> Iterable[Source]:
+    def _source_named(self, text: Optional[str]) -> Optional[Source]:
+        return next((source for source in self.sources if source.text == text), None)
+
+    def _ordered(self, after: Optional[Source], first: Optional[Source] = None) -> Iterable[Source]:
         sources = self.sources
         if after is not None and after in sources:
             start = sources.index(after) + 1
             sources = sources[start:] + sources[:start]
-        return self.health.order(sources)
+        ordered = self.health.order(sources)
+        if first is not None:
+            ordered = [first] + [source for source in ordered if source is not first]
+        return ordered
 
     def _record_failure(self, attempt: Attempt, key: CacheKey) -> None:
         if attempt.kind.marks_source_down:
@@ -388,10 +409,15 @@ class UpstreamClient:
         method: bytes,
         offset: int,
         total_length: Optional[int],
+        validators: Optional[EntryMetadata] = None,
     ) -> UpstreamResponse:
         headers = {b"User-Agent": [USER_AGENT]}
         if offset:
             headers[b"Range"] = [b"bytes=%d-" % (offset,)]
+        if validators is not None and validators.etag is not None:
+            headers[b"If-None-Match"] = [validators.etag]
+        if validators is not None and validators.last_modified is not None:
+            headers[b"If-Modified-Since"] = [validators.last_modified]
         requesting = self._http.request(
             method.decode("ascii"), source.url_for(key), headers=headers,
             unbuffered=True, allow_redirects=False,
@@ -419,6 +445,10 @@ class UpstreamClient:
             timer.stop()
         self.metrics.upstream_answered(str(source), str(response.code))
         upstream = UpstreamResponse(source, response, method, offset, self)
+        conditional = b"If-None-Match" in headers or b"If-Modified-Since" in headers
+        if conditional and upstream.not_modified:
+            response.deliverBody(DiscardBody())
+            return upstream
         problem = _check_response(upstream, offset, total_length, self.max_body_size)
         if problem is not None:
             if method != b"HEAD":

@@ -42,9 +42,11 @@ def test_unsafe_paths_are_bad_requests(postpath):
 
 
 @pytest.mark.parametrize(
-    "postpath", [[], [b""], [b"distfiles", b""], [b".pkgcache-spool", b"x"]]
+    "postpath",
+    [[], [b""], [b".pkgcache-spool", b"x"], [b"simple", b".pkgcache-index"],
+     [b".pkgcache-index", b""]],
 )
-def test_directories_and_reserved_names_are_not_found(postpath):
+def test_the_root_and_reserved_names_are_not_found(postpath):
     with pytest.raises(UnsafePath) as raised:
         cache_key_from_postpath(postpath)
     assert raised.value.status == 404
@@ -53,3 +55,12 @@ def test_directories_and_reserved_names_are_not_found(postpath):
 def test_longest_allowed_segment():
     name = b"y" * MAX_SEGMENT_BYTES
     assert cache_key_from_postpath([name]).segments == (name.decode(),)
+
+
+def test_a_directory_url_is_a_key_of_its_own():
+    directory = cache_key_from_postpath([b"simple", b"pkg", b""])
+    file = cache_key_from_postpath([b"simple", b"pkg"])
+    assert directory.directory and not file.directory
+    assert directory != file
+    assert str(directory) == "/simple/pkg/"
+    assert str(file) == "/simple/pkg"

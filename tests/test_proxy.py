@@ -439,7 +439,7 @@ async def test_hostile_paths_never_reach_a_source_or_escape_the_cache(origin, ma
         b"//secret": (400,),
         b"/" + b"x" * 300: (400,),
         b"/.pkgcache-spool/x": (404,),
-        b"/distfiles/": (404,),
+        b"/distfiles/.pkgcache-index": (404,),
     }
     for path, statuses in hostile.items():
         answer = await raw_request(proxy.url, b"GET %s HTTP/1.0\r\n\r\n" % path)

@@ -12,7 +12,10 @@ against the very bytes the cache passes on.  What is read here only guides the
 cache.  Only the signed part of an ``InRelease`` file is read, so text added
 outside it cannot change what the cache believes.
 
-Everything here is pure: bytes and path strings in, values out.
+The parsing is pure (bytes and path strings in, values out);
+:class:`ReleaseTracker` applies it to the cache: an index is served and
+published only while it matches the newest ``InRelease`` of its suite, and
+an older ``InRelease`` (from a lagging mirror) never replaces a newer one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 from itertools import islice
 from types import MappingProxyType
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pkgcache.interfaces import IPublicationCheck
+from pkgcache.metadata import EntryMetadata
+from pkgcache.paths import CacheKey, UnsafePath, cache_key_from_postpath
 
 _SIGNED_MESSAGE_START = "-----BEGIN PGP SIGNED MESSAGE-----"
 _SIGNATURE_START = "-----BEGIN PGP SIGNATURE-----"
@@ -258,3 +268,153 @@ def by_hash_path(relative_path: str, sha256: str) -> str:
     directory, _, _ = relative_path.rpartition("/")
     by_hash = f"by-hash/SHA256/{sha256}"
     return f"{directory}/{by_hash}" if directory else by_hash
+
+
+#: The largest Release file read to check it (real ones are well under 1 MiB).
+MAX_RELEASE_BYTES = 16 * 1024 * 1024
+
+log = Logger()
+
+
+@implementer(IPublicationCheck)
+class ReleaseTracker:
+    """
+    The newest ``InRelease`` (or ``Release``) of each suite in the cache,
+    and the consistency of the indexes it lists.
+
+    - A cached index whose SHA-256 is not the one its suite's release lists
+      is stale, however recently checked: apt would reject it.
+    - A fetched index that does not match is not published.
+    - A fetched release older (by ``Date``) than the cached one is not
+      published; a newer one is, and then each index it lists that is
+      cached under its canonical name and does not match is revalidated at
+      once (``revalidate(key)``).
+
+    A suite's release is read from the cache the first time one of its
+    files is asked for, then kept in memory (a few hundred KiB per suite).
+
+    :param store: the cache (a :class:`~pkgcache.store.CacheStore`).
+    """
+
+    def __init__(self, store, revalidate: Callable[[CacheKey], None]) -> None:
+        self._store = store
+        self._revalidate = revalidate
+        self._releases: dict[str, Optional[ReleaseFile]] = {}
+        self._fetched: dict[CacheKey, ReleaseFile] = {}
+
+    def is_consistent(self, key: CacheKey, metadata: EntryMetadata) -> bool:
+        entry = self._listed(str(key))
+        return entry is None or metadata.sha256 == entry.sha256
+
+    def may_publish(self, key: CacheKey, metadata: EntryMetadata, read) -> bool:
+        path = str(key)
+        if is_release_file(path):
+            return self._may_publish_release(key, read)
+        entry = self._listed(path)
+        if entry is not None and metadata.sha256 != entry.sha256:
+            log.warn("not caching {path}: its SHA-256 is not the one its suite's release lists",
+                     path=path)
+            return False
+        return True
+
+    def published(self, key: CacheKey, metadata: EntryMetadata, read) -> None:
+        release = self._fetched.pop(key, None)
+        if release is None:
+            return
+        directory = release_directory(str(key))
+        self._releases[directory] = release
+        checking = self._store.in_disk_thread(
+            _mismatched_indexes, self._store, key.segments[:-1], release
+        )
+        checking.addCallbacks(
+            lambda keys: [self._revalidate(stale) for stale in keys],
+            lambda failure: log.info("could not check the indexes of {path}: {error}",
+                                     path=directory, error=failure.getErrorMessage()),
+        )
+
+    def _may_publish_release(self, key: CacheKey, read) -> bool:
+        data = _read_all(read)
+        if data is None:
+            return True
+        try:
+            release = parse_release(data)
+        except ValueError:
+            return True
+        current = self._release_of(release_directory(str(key)))
+        if current is not None and current.date and release.date and release.date < current.date:
+            log.warn("not caching {path}: it is older (Date) than the one in the cache; "
+                     "its source may lag behind", path=str(key))
+            return False
+        self._fetched[key] = release
+        return True
+
+    def _listed(self, path: str) -> Optional[IndexEntry]:
+        where = relative_to_release(path)
+        if where is None:
+            return None
+        release = self._release_of(where[0])
+        return release.sha256.get(where[1]) if release is not None else None
+
+    def _release_of(self, directory: str) -> Optional[ReleaseFile]:
+        if directory not in self._releases:
+            self._releases[directory] = self._load(directory)
+        return self._releases[directory]
+
+    def _load(self, directory: str) -> Optional[ReleaseFile]:
+        """The suite's release in the cache (a small read, once per suite)."""
+        segments = tuple(directory.strip("/").split("/"))
+        for name in ("InRelease", "Release"):
+            cached = self._store.open_file(CacheKey(segments + (name,)))
+            if cached is None:
+                continue
+            try:
+                data = _read_all(cached.read)
+            finally:
+                cached.close()
+            if data is not None:
+                try:
+                    return parse_release(data)
+                except ValueError:
+                    continue
+        return None
+
+
+def _read_all(read) -> Optional[bytes]:
+    """All of a small file through ``read(offset, length)``; None if too big."""
+    parts = []
+    offset = 0
+    while True:
+        data = read(offset, 1024 * 1024)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+        offset += len(data)
+        if offset > MAX_RELEASE_BYTES:
+            return None
+
+
+def _mismatched_indexes(store, suite: tuple[str, ...], release: ReleaseFile) -> list[CacheKey]:
+    """
+    The indexes ``release`` lists that are cached under their canonical
+    names with other contents (blocks: disk thread only).
+    """
+    import os
+
+    stale = []
+    for relative, entry in release.sha256.items():
+        try:
+            key = cache_key_from_postpath(
+                [segment.encode("utf-8") for segment in suite + tuple(relative.split("/"))]
+            )
+        except UnsafePath:
+            continue
+        try:
+            fd = os.open(store.path_for(key).path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if EntryMetadata.read(fd).sha256 != entry.sha256:
+                stale.append(key)
+        finally:
+            os.close(fd)
+    return stale
