@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import os
+import re
+
 from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from pkgcache.accesslog import AccessLog
+from pkgcache.freshness import DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR
 from pkgcache.sizes import parse_size
 from pkgcache.resource import PackageCacheResource
 from pkgcache.service import PackageCacheService
@@ -31,6 +34,16 @@ def _positive_seconds(option: str, text: str) -> float:
         value = float("nan")
     if not value > 0:
         raise usage.UsageError(f"--{option}: a positive number of seconds, not {text!r}")
+    return value
+
+
+def _age(option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise usage.UsageError(f"--{option}: a number of seconds, 0 or more, not {text!r}")
     return value
 
 
@@ -96,6 +109,10 @@ class Options(usage.Options):
         self["listen"] = []
         self["connect-timeout"] = 10.0
         self["idle-timeout"] = 30.0
+        self["volatile"] = []
+        self["volatile-max-age"] = DEFAULT_MAX_AGE
+        self["negative-max-age"] = DEFAULT_NEGATIVE_MAX_AGE
+        self["stale-if-error"] = DEFAULT_STALE_IF_ERROR
 
     def opt_source(self, url: str) -> None:
         """Base URL to fetch files from (http or https); repeat for failover, in order of preference. At least one is required."""  # noqa: E501
@@ -111,6 +128,26 @@ class Options(usage.Options):
     def opt_idle_timeout(self, seconds: str) -> None:
         """Seconds a source may stay silent (before its headers or within a body) before it is given up and the next one tried. [default: 30]"""  # noqa: E501
         self["idle-timeout"] = _positive_seconds("idle-timeout", seconds)
+
+    def opt_volatile(self, pattern: str) -> None:
+        """A regular expression (searched in the request path, e.g. /dists/x/InRelease) of more files that change in place, served while fresh and then revalidated with their source; repeatable. Debian, Ubuntu, Gentoo, PyPI, RPM, Alpine and conda indexes are volatile already."""  # noqa: E501
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise usage.UsageError(f"--volatile {pattern!r}: not a regular expression: {error}") from None
+        self["volatile"].append(pattern)
+
+    def opt_volatile_max_age(self, seconds: str) -> None:
+        """Seconds a volatile file is served from the cache after it was last checked with its source. [default: 30]"""  # noqa: E501
+        self["volatile-max-age"] = _age("volatile-max-age", seconds)
+
+    def opt_negative_max_age(self, seconds: str) -> None:
+        """Seconds a 404 from every source is remembered and answered without asking them again; 0 to never remember. [default: 60]"""  # noqa: E501
+        self["negative-max-age"] = _age("negative-max-age", seconds)
+
+    def opt_stale_if_error(self, seconds: str) -> None:
+        """Seconds past its freshness a volatile file is still served when no source can revalidate it (all down, timing out or failing); 0 to disable. [default: 604800, 7 days]"""  # noqa: E501
+        self["stale-if-error"] = _age("stale-if-error", seconds)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501
@@ -184,6 +221,10 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         access_log=access_log,
         max_file_size=config["max-file-size"],
         max_downloads=config["max-downloads"],
+        volatile=config["volatile"],
+        volatile_max_age=config["volatile-max-age"],
+        negative_max_age=config["negative-max-age"],
+        stale_if_error=config["stale-if-error"],
     )
     return PackageCacheService(
         resource,

@@ -11,6 +11,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+from pkgcache.paths import cache_key_from_postpath
 from pkgcache.resource import PackageCacheResource
 from pkgcache.tap import DEFAULT_LISTEN, Options, makeService
 
@@ -71,6 +72,11 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--max-file-size", "0"], "--max-file-size: must be more than 0"),
         (["--source", "http://a/", "--max-downloads", "0"], "--max-downloads: a whole number"),
         (["--source", "http://a/", "--max-downloads", "many"], "--max-downloads: a whole number"),
+        (["--source", "http://a/", "--volatile", "dists/(x"], "--volatile 'dists/(x': not a regular"),
+        (["--source", "http://a/", "--volatile-max-age", "-1"], "--volatile-max-age: a number"),
+        (["--source", "http://a/", "--negative-max-age", "soon"], "--negative-max-age: a number"),
+        (["--source", "http://a/", "--stale-if-error", "-5"], "--stale-if-error: a number"),
+        (["--source", "http://a/", "--stale-if-error", "inf"], "--stale-if-error: a number"),
     ],
 )
 def test_bad_options_are_usage_errors(args, message, tmp_path, monkeypatch):
@@ -125,3 +131,24 @@ def test_max_file_size_and_max_downloads_are_parsed_and_wired(tmp_path):
     resource = makeService(options).resource
     assert resource.upstream.max_body_size == 2 * 1024**3
     assert resource.downloads.max_downloads == 3
+
+
+def test_freshness_options_are_parsed_and_wired(tmp_path):
+    options = parse(
+        "--source", "http://a/", "--cache-dir", str(tmp_path),
+        "--volatile", r"\.json$", "--volatile", "^/index/",
+        "--volatile-max-age", "5", "--negative-max-age", "0", "--stale-if-error", "0",
+    )
+    freshness = makeService(options).resource.freshness
+    assert (freshness.max_age, freshness.negative_max_age, freshness.stale_if_error) == (5, 0, 0)
+    assert freshness.is_volatile(key("/x/data.json")) and freshness.is_volatile(key("/index/a"))
+    assert not freshness.is_volatile(key("/x/data.json.gz"))
+    defaults = makeService(parse("--source", "http://a/", "--cache-dir", str(tmp_path)))
+    freshness = defaults.resource.freshness
+    assert (freshness.max_age, freshness.negative_max_age, freshness.stale_if_error) == (
+        30, 60, 7 * 24 * 3600
+    )
+
+
+def key(path: str):
+    return cache_key_from_postpath([part.encode() for part in path.lstrip("/").split("/")])
