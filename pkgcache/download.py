@@ -240,7 +240,6 @@ class Download:
                 await self._confirm_copy(response)
                 return
             self._headers_known(response)
-            self._spool = self._open_spool()
             await self._receive(response)
         finally:
             self.has_slot = False
@@ -277,6 +276,7 @@ class Download:
             last_modified if last_modified is not None else self._upstream.clock.seconds()
         )
         self.state = DownloadState.RECEIVING
+        self._spool = self._open_spool()
         waiters, self._headers_waiters = self._headers_waiters, []
         for waiter in waiters:
             waiter.callback(response)

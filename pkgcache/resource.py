@@ -225,7 +225,7 @@ class PackageCacheResource(Resource):
                 return self._miss(request, key, record, cached, volatile, forced)
             record.outcome = Outcome.HIT
             return self._serve_copy(request, cached)
-        if key in self.freshness.negative and client_max_age != 0:
+        if key in self.freshness.negative and _client_max_age(request) != 0:
             record.outcome = Outcome.NEGATIVE
             self.metrics.negative_hits.inc()
             _cache_status(request, "hit", "detail=negative")

@@ -809,6 +809,7 @@ class MemoryCache:
         max_downloads: Optional[int] = None,
         max_body_size: Optional[int] = None,
         run_blocking: Callable[..., Deferred] = run_at_once,
+        **resource_options,
     ) -> None:
         self.clock = clock
         self.network = network
@@ -829,6 +830,7 @@ class MemoryCache:
             store=self.store,
             client_stall_timeout=client_stall_timeout,
             max_downloads=max_downloads,
+            **resource_options,
         )
         self.service = CacheService(self.resource, reactor=clock)
         self.site = QuietSite(self.resource, reactor=clock)
