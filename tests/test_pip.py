@@ -155,10 +155,11 @@ async def test_pip_install_through_pkgcache_then_again_from_the_cache(index, pip
     target = await pip.install(proxy.url + "/simple/", "tinypkg")
     assert installed_version(target, "tinypkg") == "1.0"
     assert index.downloads() == {WHEEL_1: 1}, "the wheel came from the cache"
-    # The page is fresh, so pkgcache asks nothing, or, as it lets pip's
-    # max-age=0 force a revalidation, one conditional request: never a
-    # full refetch of a page that did not change.
-    assert [r.status for r in index.requests[first_run:]] in ([], [304])
+    # pip sends max-age=0 with every page request, which pkgcache honours
+    # with one conditional request: never a full refetch of an unchanged page.
+    assert [(r.path, r.status) for r in index.requests[first_run:]] == [
+        ("/simple/tinypkg/", 304)
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -176,22 +177,17 @@ async def test_a_new_release_is_seen_through_pkgcache_after_max_age(index, pip, 
     assert index.count("/simple/tinypkg/", status=200) == 2
 
 
-@pytest.mark.xfail(
-    reason="pip sends Cache-Control: max-age=0 on every page request (test_what_pip_sends) "
-    "and pkgcache lets a client's max-age=0 force a revalidation (issue 7), so pip sees a "
-    "new release at once, fresh or not; this holds only if pkgcache ignores that from pip",
-    strict=False,
-)
 @pytest_twisted.ensureDeferred
-async def test_the_cached_page_is_served_through_pkgcache_while_fresh(index, pip, make_proxy):
+async def test_a_fresh_page_is_served_from_the_cache_to_a_client_without_max_age(
+    index, make_proxy, http
+):
     index.add_release("tinypkg", "1.0")
     clock = Clock()
     proxy = _proxy(make_proxy, index, clock)
-    assert await pip.download(proxy.url + "/simple/", "tinypkg") == [WHEEL_1]
-    pages = len(index.index.page_requests())
-
+    _, first = await fetch(http, proxy.url + "/simple/tinypkg/")
     index.add_release("tinypkg", "2.0")
     clock.advance(MAX_AGE - 1)
-    assert await pip.download(proxy.url + "/simple/", "tinypkg") == [WHEEL_1]
-    assert len(index.index.page_requests()) == pages, "the fresh page was served from the cache"
-    assert index.downloads() == {WHEEL_1: 1}
+    response, fresh = await fetch(http, proxy.url + "/simple/tinypkg/")
+    assert fresh == first and b"2.0" not in fresh
+    assert response.headers.getRawHeaders(b"cache-status") == [b"pkgcache; hit; ttl=1"]
+    assert index.count("/simple/tinypkg/") == 1
