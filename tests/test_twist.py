@@ -103,7 +103,8 @@ def test_help_documents_every_option(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0
-    for option in ("--source", "--cache-dir", "--listen", "--connect-timeout", "--idle-timeout"):
+    for option in ("--source", "--cache-dir", "--listen", "--connect-timeout", "--idle-timeout",
+                   "--volatile", "--volatile-max-age", "--negative-max-age", "--stale-if-error"):
         assert option in result.stdout
 
 
@@ -116,6 +117,8 @@ def test_help_documents_every_option(tmp_path):
         (["--source", "http://x/", "--metrics-listen", "nonsense:1"], "--metrics-listen"),
         (["--source", "http://x/", "--access-log", "/proc/nope.log"], "--access-log"),
         (["--source", "http://x/", "--no-such-option"], "no-such-option"),
+        (["--source", "http://x/", "--volatile", "dists/(x"], "not a regular expression"),
+        (["--source", "http://x/", "--volatile-max-age", "-3"], "--volatile-max-age"),
     ],
 )
 def test_bad_command_lines_exit_non_zero_with_a_message(tmp_path, args, message):
