@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -102,8 +103,10 @@ class Freshness:
         self._defaults = _compiled(VOLATILE_DEFAULTS)
         self._immutable = _compiled(IMMUTABLE_DEFAULTS)
         self.negative = NegativeCache(negative_max_age, clock)
+        # Asked on every request: remembered for the paths asked most.
+        self.is_volatile = lru_cache(maxsize=16384)(self._is_volatile)
 
-    def is_volatile(self, key: CacheKey) -> bool:
+    def _is_volatile(self, key: CacheKey) -> bool:
         """Whether the file at ``key`` may change under its name."""
         if key.directory:
             return True

@@ -52,6 +52,10 @@ def _cache_status(request: Request, *parameters: str) -> None:
     request.setHeader(b"cache-status", "; ".join(("pkgcache",) + parameters).encode("ascii"))
 
 
+#: The ``Cache-Status`` of an immutable hit, the most common answer.
+_IMMUTABLE_HIT = b"pkgcache; hit"
+
+
 def _client_max_age(request: Request) -> Optional[float]:
     """
     How old a copy the client accepts, by its ``Cache-Control``
@@ -215,7 +219,7 @@ class PackageCacheResource(Resource):
         client_max_age = _client_max_age(request) if volatile else None
         if cached is not None:
             if not volatile:
-                _cache_status(request, "hit")
+                request.setHeader(b"cache-status", _IMMUTABLE_HIT)
             elif self.freshness.is_fresh(cached.metadata, client_max_age) and (
                 self.releases.is_consistent(key, cached.metadata)
             ):
