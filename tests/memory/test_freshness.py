@@ -274,3 +274,21 @@ def test_a_directory_url_is_fetched_and_cached_as_a_volatile_document(cache, net
 def test_no_request_reaches_a_directory_document_by_name(cache, network):
     client = cache.get("/simple/foo/.pkgcache-index")
     assert client.code == 404 and network.requests == []
+
+
+def test_a_head_of_a_stale_file_revalidates_it(cache, network):
+    cached_copy(cache, network)
+    cache.advance(31)
+    head = cache.head(INDEX)
+    check = network.pending(url(A, INDEX))
+    assert check.method == b"GET" and check.header("if-none-match") == '"v1"'
+    check.respond(http.NOT_MODIFIED, length=0)
+    assert (head.code, head.body, head.length) == (200, b"", len(OLD))
+    assert head.header("cache-status") == "pkgcache; fwd=stale; fwd-status=304"
+
+
+def test_pragma_no_cache_from_an_http_1_0_client_forces_a_revalidation(cache, network):
+    cached_copy(cache, network)
+    client = cache.get(INDEX, {"pragma": "no-cache"})
+    network.pending(url(A, INDEX)).respond(http.NOT_MODIFIED, length=0)
+    assert client.body == OLD
