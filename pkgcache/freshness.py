@@ -103,6 +103,10 @@ class Freshness:
         self._defaults = _compiled(VOLATILE_DEFAULTS)
         self._immutable = _compiled(IMMUTABLE_DEFAULTS)
         self.negative = NegativeCache(negative_max_age, clock)
+        #: Paths whose revalidation just failed: for ``max_age`` seconds
+        #: their stale copies are served without waiting on the sources
+        #: again (a mirror that times out would hold every client).
+        self.unreachable = NegativeCache(max_age, clock)
         # Asked on every request: remembered for the paths asked most.
         self.is_volatile = lru_cache(maxsize=16384)(self._is_volatile)
 

@@ -224,6 +224,12 @@ class PackageCacheResource(Resource):
                 self.releases.is_consistent(key, cached.metadata)
             ):
                 _cache_status(request, "hit", f"ttl={self.freshness.ttl(cached.metadata)}")
+            elif (
+                client_max_age is None
+                and key in self.freshness.unreachable
+                and self.freshness.may_serve_stale(cached.metadata)
+            ):
+                return self._serve_stale(request, cached, record)
             else:
                 forced = client_max_age is not None and self.freshness.is_fresh(cached.metadata)
                 return self._miss(request, key, record, cached, volatile, forced)
@@ -278,12 +284,19 @@ class PackageCacheResource(Resource):
             return send_error(request, *failure_response(failed))
         except AllSourcesFailed as failed:
             self._sources_failed(key, failed, revalidation=stale is not None, counted=not joined)
-            if stale is not None and not failed.not_found and self._serve_stale(request, key, record):
+            if client_gone:
                 return
+            if stale is not None and not failed.not_found:
+                copy = self.store.open_file(key)
+                if copy is not None and self.freshness.may_serve_stale(copy.metadata):
+                    return self._serve_stale(request, copy, record)
+                if copy is not None:
+                    copy.close()
             record.outcome = Outcome.ERROR
             _cache_status(request, forwarded, *_failure_detail(failed))
             return send_error(request, *failure_response(failed))
         record.source = str(response.source)
+        self.freshness.unreachable.forget(key)
         if response.not_modified:
             if not joined:
                 self.metrics.revalidated("not-modified")
@@ -337,20 +350,14 @@ class PackageCacheResource(Resource):
             return send_error(request, http.BAD_GATEWAY, "the file could not be stored")
         self._serve_copy(request, cached)
 
-    def _serve_stale(self, request: Request, key: CacheKey, record: _RequestRecord) -> bool:
-        """Serve the stale copy of ``key`` if it is young enough for that."""
-        cached = self.store.open_file(key)
-        if cached is None:
-            return False
-        if not self.freshness.may_serve_stale(cached.metadata):
-            cached.close()
-            return False
-        log.warn("serving a stale copy of {path}: no source could revalidate it", path=str(key))
+    def _serve_stale(self, request: Request, cached: CachedFile, record: _RequestRecord) -> None:
+        """Serve a stale copy that no source could revalidate (--stale-if-error)."""
+        log.warn("serving a stale copy of {path}: no source could revalidate it",
+                 path=request.path.decode("utf-8", "replace"))
         record.outcome = Outcome.STALE
         self.metrics.stale_answers.inc()
         _cache_status(request, "hit", "detail=stale-if-error")
         self._serve_copy(request, cached)
-        return True
 
     def _sources_failed(
         self, key: CacheKey, failed: AllSourcesFailed, *, revalidation: bool, counted: bool
@@ -358,6 +365,8 @@ class PackageCacheResource(Resource):
         """Remember a 404 from every source; count a failed revalidation once."""
         if failed.not_found:
             self.freshness.negative.remember(key)
+        elif revalidation:
+            self.freshness.unreachable.remember(key)
         if revalidation and counted:
             self.metrics.revalidated("failed")
 

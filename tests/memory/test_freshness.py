@@ -292,3 +292,22 @@ def test_pragma_no_cache_from_an_http_1_0_client_forces_a_revalidation(cache, ne
     client = cache.get(INDEX, {"pragma": "no-cache"})
     network.pending(url(A, INDEX)).respond(http.NOT_MODIFIED, length=0)
     assert client.body == OLD
+
+
+def test_after_a_failed_revalidation_the_stale_copy_is_served_at_once_for_max_age(
+    cache, network
+):
+    cached_copy(cache, network)
+    cache.advance(31)
+    first = cache.get(INDEX)
+    cache.advance(30)  # A times out
+    cache.advance(30)  # B times out
+    assert (first.code, first.body) == (200, OLD)
+    asked = len(network.requests)
+    cache.advance(29)
+    again = cache.get(INDEX)
+    assert (again.body, again.header("cache-status")) == (OLD, "pkgcache; hit; detail=stale-if-error")
+    assert len(network.requests) == asked, "no client waits on the dead sources again"
+    cache.advance(1)
+    cache.get(INDEX)
+    assert len(network.requests) == asked + 1
