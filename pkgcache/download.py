@@ -111,6 +111,9 @@ class Download:
         self._digest = hashlib.sha256() if digest else None
         self._check = check
         self.checked_at = 0.0
+        #: the body was stored in the cache (for a revalidation: it
+        #: replaced the stale copy)
+        self.published = False
         self._store = store
         self._upstream = upstream
         self._slots = slots
@@ -420,6 +423,7 @@ class Download:
             log.error("could not publish {path}: {error}", path=str(self.key), error=error)
         else:
             log.info("cached {path} ({length} bytes)", path=str(self.key), length=self.received)
+            self.published = True
             self._store.published(self.received)
             if self._check is not None:
                 self._check.published(self.key, metadata, self.read)

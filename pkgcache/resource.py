@@ -313,7 +313,11 @@ class PackageCacheResource(Resource):
             await download.finished
             if client_gone:
                 return
-            _cache_status(request, forwarded, f"fwd-status={response.code}")
+            kept = [] if download.published else ["detail=not-stored"]
+            if kept and stale is not None:
+                # Refused (older than the copy): the copy is the answer.
+                record.outcome = Outcome.REVALIDATED
+            _cache_status(request, forwarded, f"fwd-status={response.code}", *kept)
             return self._answer_from_store(request, key)
         if client_gone:
             return

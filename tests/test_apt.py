@@ -10,9 +10,6 @@ issue 7: a new upload is not seen while the indexes are fresh, is seen
 (with no Hash Sum mismatch) once they are stale, and can be downloaded.
 Time for freshness is a :class:`~twisted.internet.task.Clock` handed to
 the resource as ``clock``; nothing here waits for real time to pass.
-
-The freshness tests carry ``xfail(strict=False)`` from the time they were
-written before the feature; they pass now, and the marks are to go.
 """
 
 from __future__ import annotations
@@ -44,7 +41,6 @@ pytestmark = pytest.mark.skipif(
 #: ``volatile_max_age`` given to the resource in the freshness tests.
 MAX_AGE = 30
 
-FRESHNESS = pytest.mark.xfail(reason="freshness (issue 7) not built yet", strict=False)
 
 #: apt sends ``Cache-Control: max-age=0`` with every index request unless
 #: told otherwise (``Acquire::http::Max-Age``, default 0), and issue 7 has
@@ -192,7 +188,6 @@ async def test_unsigned_release_only_repository(tmp_path, make_proxy, apts):
 # Freshness (issue 7)
 
 
-@FRESHNESS
 @BY_HASH
 @pytest_twisted.ensureDeferred
 async def test_new_upload_seen_once_indexes_are_stale(by_hash, mirrors, make_proxy, apts):
@@ -228,7 +223,6 @@ async def test_new_upload_seen_once_indexes_are_stale(by_hash, mirrors, make_pro
     assert len(mirror.server.requests) == fetched
 
 
-@FRESHNESS
 @BY_HASH
 @pytest_twisted.ensureDeferred
 async def test_stock_apt_revalidates_on_every_update(by_hash, mirrors, make_proxy, apts):
@@ -252,7 +246,6 @@ async def test_stock_apt_revalidates_on_every_update(by_hash, mirrors, make_prox
     assert await install(apt, mirror, "hello") == "2.0"
 
 
-@FRESHNESS
 @pytest_twisted.ensureDeferred
 async def test_unchanged_mirror_is_revalidated_with_304(mirrors, make_proxy, apts, http):
     mirror = await mirrors(by_hash=False)
@@ -278,7 +271,6 @@ async def test_unchanged_mirror_is_revalidated_with_304(mirrors, make_proxy, apt
     assert b"pkgcache" in b"".join(response.headers.getRawHeaders(b"cache-status", []))
 
 
-@FRESHNESS
 @pytest_twisted.ensureDeferred
 async def test_index_cached_after_the_inrelease_is_checked_against_the_new_one(
     mirrors, make_proxy, apts
@@ -309,7 +301,6 @@ async def test_index_cached_after_the_inrelease_is_checked_against_the_new_one(
         assert await install(apt, mirror, "hello") == "2.0"
 
 
-@FRESHNESS
 @pytest_twisted.ensureDeferred
 async def test_lagging_mirror_does_not_roll_back_the_release(
     tmp_path, signer, mirrors, make_proxy, apts

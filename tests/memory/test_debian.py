@@ -87,6 +87,9 @@ def test_an_older_inrelease_does_not_replace_the_cached_one(cache, network):
     network.pending(url(A, IN_RELEASE)).serve(R1, headers={"etag": '"r1"'})
     assert (client.code, client.body) == (200, R2)
     assert cache.cached(IN_RELEASE) == R2
+    assert client.header("cache-status") == (
+        "pkgcache; fwd=stale; fwd-status=200; detail=not-stored"
+    )
 
 
 def test_an_inrelease_is_answered_once_it_is_checked_and_stored(cache, network):
