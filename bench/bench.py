@@ -23,17 +23,25 @@ What is measured, for pkgcache and for nginx proxy_cache side by side:
 4. the slow reader: peak RSS growth while a 1 GiB file is downloaded by one
    client at 1 MB/s and one at full speed;
 5. with wrk: hit throughput on a large cached file, and 4 KiB hits per
-   second.
+   second;
+6. freshness (``--only freshness``): 200 keep-alive clients asking at the
+   same moment for one stale index (upstream requests per burst, latency),
+   and, with wrk, fresh volatile hits against immutable hits (pkgcache
+   only).
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import http.client
 import json
+import math
 import os
 import platform
 import re
+import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -58,6 +66,25 @@ COALESCED_TARGET = 1.3
 #: The mirror speed the throttled origin is limited to (nginx limit_rate).
 THROTTLE = "100m"
 THROTTLE_LABEL = "100 MiB/s"
+#: The freshness steps: how many keep-alive clients ask at once for one
+#: stale index, the max-age (seconds) of pkgcache and of nginx in that
+#: burst, and the index's size (a Release-like text file).  Each stale burst
+#: is followed at once by a burst of fresh hits, which must start within
+#: the max-age: 2 s leaves room for a slow stale burst on a busy machine.
+BURST_CLIENTS = 200
+BURST_MAX_AGE = 2
+INDEX_SIZE = 300 * 1024
+#: Where the freshness files lie on the origin (it serves /v/LABEL/PATH as
+#: /PATH): an index, two small volatile files and a small immutable one.
+INDEX_PATH = "dists/stable/InRelease"
+VOLATILE_INDEX_PATH = "dists/stable/main/binary-amd64/Packages.xz"
+VOLATILE_PAGE_PATH = "simple/foo/"
+IMMUTABLE_PATH = "pool/main/f/foo/foo_1.0_all.deb"
+#: wrk connections for the fresh-hit step, and its target: a fresh
+#: volatile hit serves at least this share of the immutable hits' rate
+#: (1.0, less the noise between runs).
+FRESH_HIT_CONNECTIONS = 64
+FRESH_HIT_TARGET = 0.95
 
 
 @dataclass
@@ -283,6 +310,28 @@ PROXY_CACHE_PATH = """\
     proxy_cache_path {dir}/cache levels=1:2 keys_zone=bench:16m max_size=64g inactive=1d use_temp_path=off;
 """
 
+# The freshness comparison: nginx revalidating a cached file with the origin
+# (a conditional GET) once it is older than {max_age} seconds, while the
+# other clients of that file get the stale copy (UPDATING) meanwhile.
+FRESH_PROXY_SERVER = """\
+    proxy_cache_path {dir}/cache levels=1:2 keys_zone=fresh:4m max_size=1g inactive=1d use_temp_path=off;
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        access_log {dir}/proxy-access.log bench;
+        location / {{
+            proxy_pass http://127.0.0.1:{origin_port};
+            proxy_cache fresh;
+            proxy_cache_valid 200 {max_age}s;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 10m;
+            proxy_cache_lock_age 10m;
+            proxy_cache_revalidate on;
+            proxy_cache_use_stale updating;
+            add_header X-Cache-Status $upstream_cache_status always;
+        }}
+    }}
+"""
+
 
 def start_nginx(processes: Processes, directory: Path, servers: str, ports: list[int]) -> subprocess.Popen:
     directory.mkdir(parents=True)
@@ -412,6 +461,192 @@ def wrk(url: str, threads: int, connections: int, seconds: int, script: Path) ->
     return summary
 
 
+@dataclass
+class Answer:
+    """One HTTP response read off a keep-alive connection."""
+
+    status: int
+    headers: dict
+    body: bytes
+
+
+class ResponseReader:
+    """
+    Reads HTTP/1.1 responses (Content-Length or chunked) from the bytes of
+    one connection, as they arrive.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self._head: Optional[tuple[int, dict]] = None
+        self._body_start = 0
+
+    def feed(self, data: bytes) -> Optional[Answer]:
+        """Add ``data``; the response once it is complete, else None."""
+        self.buffer += data
+        if self._head is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return None
+            lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            self._head = (status, headers)
+            self._body_start = end + 4
+        status, headers = self._head
+        start = self._body_start
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = self._chunked(start)
+            if body is None:
+                return None
+            body, end = body
+        else:
+            length = int(headers.get("content-length", "0"))
+            if len(self.buffer) - start < length:
+                return None
+            end = start + length
+            body = bytes(self.buffer[start:end])
+        del self.buffer[:end]
+        self._head = None
+        return Answer(status, headers, body)
+
+    def _chunked(self, at: int) -> Optional[tuple[bytes, int]]:
+        parts = []
+        while True:
+            line_end = self.buffer.find(b"\r\n", at)
+            if line_end < 0:
+                return None
+            size = int(bytes(self.buffer[at:line_end]).split(b";")[0], 16)
+            at = line_end + 2
+            if size == 0:
+                trailer_end = self.buffer.find(b"\r\n", at)
+                if trailer_end < 0:
+                    return None
+                return b"".join(parts), trailer_end + 2
+            if len(self.buffer) < at + size + 2:
+                return None
+            parts.append(bytes(self.buffer[at:at + size]))
+            at += size + 2
+
+
+def get_request(port: int, path: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"User-Agent: pkgcache-bench\r\nAccept: */*\r\n\r\n").encode("ascii")
+
+
+class KeepAliveClients:
+    """
+    ``count`` keep-alive connections to one port, opened one after the
+    other, each answered once (a request for ``warm_path``) so that every
+    one is accepted and idle before a burst; then :meth:`burst` sends one
+    request on each of them, all at once, from one thread.
+    """
+
+    def __init__(self, port: int, count: int, warm_path: str) -> None:
+        self.port = port
+        self.sockets: list[socket.socket] = []
+        self.readers: list[ResponseReader] = []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sockets.append(sock)
+                self.readers.append(ResponseReader())
+                answer = self._blocking_get(len(self.sockets) - 1, warm_path)
+                if answer.status != 200:
+                    raise RuntimeError(f"warm-up GET {warm_path} on port {port}: HTTP {answer.status}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _blocking_get(self, index: int, path: str) -> Answer:
+        sock, reader = self.sockets[index], self.readers[index]
+        sock.sendall(get_request(self.port, path))
+        while True:
+            data = sock.recv(1 << 18)
+            if not data:
+                raise RuntimeError(f"port {self.port} closed a keep-alive connection")
+            answer = reader.feed(data)
+            if answer is not None:
+                return answer
+
+    def burst(self, path: str, timeout: float = 300) -> tuple[list[float], list[Answer], float]:
+        """
+        One GET of ``path`` on every connection, all sent before any is read.
+        Each request's latency (from its send to the last byte of its
+        answer), the answers, and the wall time of the whole burst.
+        """
+        request = get_request(self.port, path)
+        selector = selectors.DefaultSelector()
+        sent = [0.0] * len(self.sockets)
+        done = [0.0] * len(self.sockets)
+        answers: list[Optional[Answer]] = [None] * len(self.sockets)
+        try:
+            for index, sock in enumerate(self.sockets):
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ, index)
+            started = time.monotonic()
+            for index, sock in enumerate(self.sockets):
+                # ~100 bytes into an idle socket's empty send buffer: all of it.
+                if sock.send(request) != len(request):
+                    raise RuntimeError("a burst request was not sent whole")
+                sent[index] = time.monotonic()
+            pending = len(self.sockets)
+            deadline = started + timeout
+            while pending:
+                events = selector.select(max(0.0, deadline - time.monotonic()))
+                if not events:
+                    raise RuntimeError(f"burst on port {self.port}: {pending} answers missing "
+                                       f"after {timeout:g}s")
+                for key, _ in events:
+                    index = key.data
+                    data = self.sockets[index].recv(1 << 18)
+                    if not data:
+                        raise RuntimeError(f"port {self.port} closed a connection during a burst")
+                    answer = self.readers[index].feed(data)
+                    if answer is not None:
+                        done[index] = time.monotonic()
+                        answers[index] = answer
+                        selector.unregister(self.sockets[index])
+                        pending -= 1
+            wall = max(done) - started
+        finally:
+            selector.close()
+            for sock in self.sockets:
+                sock.setblocking(True)
+                sock.settimeout(60)
+        for reader in self.readers:
+            if reader.buffer:
+                raise RuntimeError(f"port {self.port} sent more than one answer per request")
+        return [d - s for s, d in zip(sent, done)], answers, wall  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile: ``share`` 0.99 is the p99."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1))]
+
+
+def http_get(port: int, path: str) -> Answer:
+    """One GET on a connection of its own (http.client)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+    finally:
+        connection.close()
+
+
 # -- the benchmark ----------------------------------------------------------------
 
 
@@ -479,8 +714,14 @@ class Bench:
         )
         self.proxy_cache_dir = proxy_dir / "cache"
 
-    def start_pkgcache(self, throttled: bool = False) -> tuple[subprocess.Popen, int, Path]:
-        """A fresh pkgcache, with an empty cache directory of its own."""
+    def start_pkgcache(
+        self, throttled: bool = False, options: tuple[str, ...] = (), listen_options: str = ""
+    ) -> tuple[subprocess.Popen, int, Path]:
+        """
+        A fresh pkgcache, with an empty cache directory of its own; more
+        ``options`` on its command line, ``listen_options`` (such as
+        ``:backlog=1024``) after its ``--listen`` endpoint.
+        """
         self._pkgcache_count += 1
         port = free_port()
         cache = self.work / f"pkgcache-{self._pkgcache_count}"
@@ -490,7 +731,7 @@ class Bench:
             [self.args.twist, "--log-format=text", "pkgcache",
              "--source", f"http://127.0.0.1:{origin}/",
              "--cache-dir", str(cache),
-             "--listen", f"tcp:{port}:interface=127.0.0.1"],
+             "--listen", f"tcp:{port}:interface=127.0.0.1{listen_options}", *options],
             stdout=log, stderr=subprocess.STDOUT,
         )
         wait_for_port(port, process, "pkgcache")
@@ -826,6 +1067,359 @@ class Bench:
             self.stop_pkgcache(process, cache)
             self.purge_nginx_cache()
 
+    # freshness
+
+    def make_freshness_files(self) -> None:
+        """
+        On the origin (once): ``INDEX_PATH``, a Release-like text of about
+        ``INDEX_SIZE`` bytes, and 4 KiB files at the two volatile paths and
+        the immutable one.  nginx sends ETag and Last-Modified for them and
+        answers conditional GETs with 304.
+        """
+        index = self.files / INDEX_PATH
+        if index.exists():
+            return
+        index.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["Origin: pkgcache-bench", "Label: pkgcache-bench", "Suite: stable",
+                 "Codename: bench", "Date: Thu, 01 Jan 2026 00:00:00 UTC",
+                 "Architectures: amd64", "Components: main", "SHA256:"]
+        length = sum(len(line) + 1 for line in lines)
+        number = 0
+        while length < INDEX_SIZE:
+            line = (f" {os.urandom(32).hex()} {int.from_bytes(os.urandom(3), 'big'):8d} "
+                    f"main/binary-amd64/Packages-{number:05d}.xz")
+            lines.append(line)
+            length += len(line) + 1
+            number += 1
+        index.write_text("\n".join(lines) + "\n")
+        small = self.sizes.small
+        for path in (VOLATILE_INDEX_PATH, IMMUTABLE_PATH):
+            target = self.files / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(os.urandom(small))
+        page = self.files / VOLATILE_PAGE_PATH / "index.html"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        head = b"<!DOCTYPE html>\n<html><body>\n"
+        link = b'<a href="../../pool/foo-1.0.tar.gz#sha256=%s">foo-1.0.tar.gz</a><br>\n'
+        text = head
+        while len(text) < small:
+            text += link % os.urandom(32).hex().encode()
+        page.write_bytes(text[:small - len(b"</body></html>\n")] + b"</body></html>\n")
+        os.sync()
+
+    def origin_log(self, path: str) -> list[str]:
+        """The origin's status for each request of exactly ``path`` so far."""
+        with open(self.work / "origin" / "origin-access.log") as lines:
+            return [fields[1] for fields in (line.split() for line in lines)
+                    if fields and fields[0] == path]
+
+    def start_fresh_proxy(self, max_age: int) -> tuple[subprocess.Popen, int]:
+        """nginx proxy_cache revalidating after ``max_age`` s, stale while updating."""
+        port = free_port()
+        directory = self.work / f"nginx-fresh-{port}"
+        servers = FRESH_PROXY_SERVER.format(
+            port=port, dir=directory, origin_port=self.origin_port, max_age=max_age
+        )
+        return start_nginx(self.processes, directory, servers, [port]), port
+
+    def stale_burst(self) -> None:
+        """
+        ``BURST_CLIENTS`` keep-alive clients ask at the same moment for one
+        index that is cached but stale: straight from the origin (no cache,
+        every request goes there), through pkgcache with ``--volatile-max-age
+        BURST_MAX_AGE`` and through nginx proxy_cache with
+        ``proxy_cache_valid 200`` the same, ``proxy_cache_revalidate``, the
+        lock and ``proxy_cache_use_stale updating``.  Each burst is one
+        request on each connection, all sent before any answer is read.
+        Counted: the origin's requests for the index during each burst.
+
+        Each stale burst is followed at once, on the same connections, by a
+        burst of fresh hits (no revalidation), to tell the cost of the shared
+        revalidation from that of serving 200 copies of the index.
+        """
+        clients, max_age = BURST_CLIENTS, BURST_MAX_AGE
+        self.make_freshness_files()
+        expected = (self.files / INDEX_PATH).read_bytes()
+        size = len(expected)
+        section = (f"{clients} keep-alive clients at once on one stale {human(size)} index "
+                   f"(max-age {max_age} s, {self.sizes.repeats} bursts)")
+        # 3 x 200 client sockets here, 200 more in each server.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 8 * clients + 1024
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY
+                                                        else min(want, hard), hard))
+        process, port, cache = self.start_pkgcache(
+            options=("--volatile-max-age", str(max_age)), listen_options=":backlog=1024"
+        )
+        pkgcache_log = self.work / f"pkgcache-{self._pkgcache_count}.log"
+        proxy, proxy_port = self.start_fresh_proxy(max_age)
+        ports = {"direct": self.origin_port, "pkgcache": port, "nginx": proxy_port}
+        paths = {subject: f"/v/burst-{subject}/{INDEX_PATH}" for subject in ports}
+        connections: dict[str, KeepAliveClients] = {}
+        bursts: dict[str, list[dict]] = {subject: [] for subject in ports}
+        try:
+            # One GET each caches the index (a miss).
+            checked = {}
+            for subject, status_header, wanted in (("pkgcache", "cache-status", "fwd=miss"),
+                                                   ("nginx", "x-cache-status", "MISS")):
+                answer = http_get(ports[subject], paths[subject])
+                if answer.status != 200 or answer.body != expected:
+                    raise RuntimeError(f"{subject} {paths[subject]}: HTTP {answer.status}, "
+                                       f"{len(answer.body)} bytes")
+                if wanted not in answer.headers.get(status_header, ""):
+                    raise RuntimeError(f"{subject}: first GET of the index answered "
+                                       f"{status_header}: {answer.headers.get(status_header)}")
+                checked[subject] = time.monotonic()
+            for subject, subject_port in ports.items():
+                connections[subject] = KeepAliveClients(
+                    subject_port, clients, f"/v/burst-{subject}-conn/small.bin"
+                )
+            self.log(f"  {clients} keep-alive connections open to each of {', '.join(ports)}")
+            for rep in range(self.sizes.repeats):
+                order = list(ports)
+                order = order[rep % 3:] + order[:rep % 3]
+                for subject in order:
+                    if subject != "direct":
+                        # Stale: past max-age since its last check, by a margin
+                        # (nginx counts expiry in whole seconds: up to 1 s more).
+                        time.sleep(max(0.0, checked[subject] + max_age + 1.5 - time.monotonic()))
+                    seen = len(self.origin_log(paths[subject]))
+                    outcomes_before = self.pkgcache_outcomes(pkgcache_log, paths["pkgcache"])
+                    latencies, answers, wall = connections[subject].burst(paths[subject])
+                    checked[subject] = time.monotonic()
+                    outcomes_after = self.pkgcache_outcomes(pkgcache_log, paths["pkgcache"])
+                    fresh = None
+                    if subject != "direct":
+                        fresh = self.fresh_burst(connections[subject], paths[subject],
+                                                 subject, expected)
+                    full = sum(1 for answer in answers
+                               if answer.status == 200 and answer.body == expected)
+                    status_header = "x-cache-status" if subject == "nginx" else "cache-status"
+                    statuses: dict[str, int] = {}
+                    for answer in answers:
+                        value = answer.headers.get(status_header, "-")
+                        statuses[value] = statuses.get(value, 0) + 1
+                    time.sleep(0.3)  # the origin logs a request once it is done
+                    upstream = self.origin_log(paths[subject])[seen:]
+                    result = {
+                        "p50_seconds": statistics.median(latencies),
+                        "p99_seconds": percentile(latencies, 0.99),
+                        "max_seconds": max(latencies),
+                        "wall_seconds": wall,
+                        "full_answers": full,
+                        "upstream_requests": len(upstream),
+                        "upstream_statuses": upstream,
+                        "cache_status": statuses,
+                    }
+                    if fresh is not None:
+                        result["fresh_hits"] = fresh
+                    if subject == "pkgcache":
+                        result["pkgcache_outcomes"] = {
+                            k: outcomes_after[k] - outcomes_before.get(k, 0) for k in outcomes_after
+                            if outcomes_after[k] - outcomes_before.get(k, 0)
+                        }
+                    bursts[subject].append(result)
+                    self.log(f"  burst {subject} #{rep}: p50 {result['p50_seconds']:.3f}s, "
+                             f"p99 {result['p99_seconds']:.3f}s, wall {wall:.3f}s, "
+                             f"{full}/{clients} full 200s, {len(upstream)} upstream request(s) "
+                             f"{upstream if len(upstream) < 10 else ''}, "
+                             f"{status_header}: {statuses}"
+                             + (f", pkgcache log: {result['pkgcache_outcomes']}"
+                                if subject == "pkgcache" else ""))
+                    if fresh is not None:
+                        self.log(f"  fresh-hit burst {subject} #{rep}: p50 {fresh['p50_seconds']:.3f}s, "
+                                 f"p99 {fresh['p99_seconds']:.3f}s, wall {fresh['wall_seconds']:.3f}s")
+                    if subject == "pkgcache" and not any("fwd=stale" in value for value in statuses):
+                        raise RuntimeError(f"pkgcache burst #{rep} did not find the index stale: "
+                                           f"{statuses}")
+                    if subject == "nginx" and not set(statuses) & {"REVALIDATED", "UPDATING",
+                                                                   "EXPIRED", "STALE"}:
+                        raise RuntimeError(f"nginx burst #{rep} did not find the index stale: "
+                                           f"{statuses}")
+                    if subject == "pkgcache" and len(upstream) > 1:
+                        self.show_pkgcache_log(pkgcache_log, paths["pkgcache"])
+            self.extra["stale_burst"] = {"clients": clients, "max_age": max_age,
+                                         "index_bytes": size, "bursts": bursts}
+            total = clients * self.sizes.repeats
+            p50 = {s: statistics.median(b["p50_seconds"] for b in bursts[s]) for s in ports}
+            p99 = {s: statistics.median(b["p99_seconds"] for b in bursts[s]) for s in ports}
+            for subject, name in (("direct", "direct from origin (no cache)"),
+                                  ("pkgcache", "pkgcache"), ("nginx", "nginx proxy_cache")):
+                upstream = [b["upstream_requests"] for b in bursts[subject]]
+                self.add(Row(section, f"{name}: median latency", p50[subject], "s",
+                             samples=[b["p50_seconds"] for b in bursts[subject]],
+                             ratio=p50[subject] / p50["direct"], ratio_to="of direct"))
+                self.add(Row(section, f"{name}: p99 latency", p99[subject], "s",
+                             samples=[b["p99_seconds"] for b in bursts[subject]],
+                             ratio=p99[subject] / p99["direct"], ratio_to="of direct"))
+                self.add(Row(section, f"{name}: upstream requests per burst", max(upstream),
+                             "requests", samples=upstream,
+                             target="1" if subject != "direct" else "",
+                             met=(max(upstream) == 1) if subject != "direct" else None))
+                full = sum(b["full_answers"] for b in bursts[subject])
+                self.add(Row(section, f"{name}: answers 200 with the full body", full,
+                             "requests", target=f"{total}", met=full == total))
+                if subject != "direct":
+                    fresh_p50 = [b["fresh_hits"]["p50_seconds"] for b in bursts[subject]]
+                    fresh_p99 = [b["fresh_hits"]["p99_seconds"] for b in bursts[subject]]
+                    self.add(Row(section, f"{name}: fresh-hit burst, median latency",
+                                 statistics.median(fresh_p50), "s", samples=fresh_p50,
+                                 ratio=statistics.median(fresh_p50) / p50["direct"],
+                                 ratio_to="of direct"))
+                    self.add(Row(section, f"{name}: fresh-hit burst, p99 latency",
+                                 statistics.median(fresh_p99), "s", samples=fresh_p99,
+                                 ratio=statistics.median(fresh_p99) / p99["direct"],
+                                 ratio_to="of direct"))
+                    ratios = [b["p50_seconds"] / b["fresh_hits"]["p50_seconds"]
+                              for b in bursts[subject]]
+                    self.add(Row(section, f"{name}: stale / fresh-hit burst, median latency",
+                                 statistics.median(ratios), "x", samples=ratios))
+            self.add(Row(section, "pkgcache / nginx, median latency",
+                         p50["pkgcache"] / p50["nginx"], "x"))
+            self.add(Row(section, "pkgcache / nginx, p99 latency",
+                         p99["pkgcache"] / p99["nginx"], "x"))
+            self.add(Row(section, "pkgcache / nginx, fresh-hit burst, median latency",
+                         statistics.median(b["fresh_hits"]["p50_seconds"] for b in bursts["pkgcache"])
+                         / statistics.median(b["fresh_hits"]["p50_seconds"] for b in bursts["nginx"]),
+                         "x"))
+        finally:
+            for clients_of in connections.values():
+                clients_of.close()
+            self.processes.stop(proxy)
+            self.stop_pkgcache(process, cache)
+
+    def fresh_burst(self, clients: KeepAliveClients, path: str, subject: str,
+                    expected: bytes) -> dict:
+        """A burst right after a stale one: every answer must be a fresh hit."""
+        latencies, answers, wall = clients.burst(path)
+        for answer in answers:
+            status = answer.headers.get("x-cache-status" if subject == "nginx" else "cache-status", "")
+            hit = status == "HIT" if subject == "nginx" else status.startswith("pkgcache; hit; ttl=")
+            if answer.status != 200 or answer.body != expected or not hit:
+                raise RuntimeError(f"{subject}: the burst after the stale one was not all fresh "
+                                   f"hits: HTTP {answer.status}, {len(answer.body)} bytes, "
+                                   f"cache status {status!r} (BURST_MAX_AGE too short?)")
+        return {"p50_seconds": statistics.median(latencies),
+                "p99_seconds": percentile(latencies, 0.99), "wall_seconds": wall}
+
+    def pkgcache_outcomes(self, log: Path, path: str) -> dict[str, int]:
+        """How many of pkgcache's requests for ``path`` had each outcome so far."""
+        found: dict[str, int] = {}
+        marker = f" GET {path} "
+        with open(log, errors="replace") as lines:
+            for line in lines:
+                at = line.find(marker)
+                if at >= 0:
+                    outcome = line[at + len(marker):].split(" ", 1)[0]
+                    found[outcome] = found.get(outcome, 0) + 1
+        return found
+
+    def show_pkgcache_log(self, log: Path, path: str) -> None:
+        """Print pkgcache's log lines about ``path`` that are not plain answers."""
+        marker = f" GET {path} "
+        with open(log, errors="replace") as lines:
+            for line in lines:
+                if path in line and marker not in line:
+                    self.log(f"    pkgcache log: {line.rstrip()}")
+
+    def volatile_hits(self) -> None:
+        """
+        wrk on cached 4 KiB files through one pkgcache with a long max-age:
+        an immutable file, and two volatile ones kept fresh (a Debian index
+        under dists/, and a directory URL as a PyPI project page), in turn,
+        ``2 * repeats`` times, each run half as long as the other wrk step's.
+        Each volatile hit is checked first to be answered as a fresh hit
+        (``Cache-Status: pkgcache; hit; ttl=``), the immutable one as a plain
+        hit, before and after; and none of the runs may reach the origin.
+        """
+        self.make_freshness_files()
+        script = self.work / "summary.lua"
+        script.write_text(WRK_SCRIPT)
+        # Twice as many runs, half as long, as the other wrk step: the ratio
+        # is taken run by run, and more pairs give a steadier median.
+        seconds = max(3, self.sizes.wrk_seconds // 2)
+        repeats = 2 * self.sizes.repeats
+        connections = FRESH_HIT_CONNECTIONS
+        small = self.sizes.small
+        section = (f"fresh volatile against immutable {human(small)} hits, pkgcache "
+                   f"(wrk -t2 -c{connections} -d{seconds}s, {repeats} runs each, in turn)")
+        process, port, cache = self.start_pkgcache(
+            options=("--volatile-max-age", "86400"), listen_options=":backlog=1024"
+        )
+        label = "fresh-hits"
+        paths = {
+            "immutable": f"/v/{label}/{IMMUTABLE_PATH}",
+            "dists": f"/v/{label}/{VOLATILE_INDEX_PATH}",
+            "simple": f"/v/{label}/{VOLATILE_PAGE_PATH}",
+        }
+        wanted = {"immutable": "pkgcache; hit", "dists": "pkgcache; hit; ttl=",
+                  "simple": "pkgcache; hit; ttl="}
+        try:
+            statuses = {}
+            for subject, path in paths.items():
+                answer = http_get(port, path)
+                if answer.status != 200 or len(answer.body) != small:
+                    raise RuntimeError(f"{path}: HTTP {answer.status}, {len(answer.body)} bytes")
+                deadline = time.monotonic() + 30
+                while True:
+                    answer = http_get(port, path)
+                    status = answer.headers.get("cache-status", "")
+                    if answer.status == 200 and len(answer.body) == small and (
+                        status == wanted[subject] if subject == "immutable"
+                        else status.startswith(wanted[subject])
+                    ):
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{path} is not answered as a hit: "
+                                           f"HTTP {answer.status}, Cache-Status: {status}")
+                    time.sleep(0.05)
+                statuses[subject] = status
+                self.log(f"  {path}: Cache-Status: {status}")
+            self.settle()
+            rates: dict[str, list[float]] = {subject: [] for subject in paths}
+            summaries: dict[str, list[dict]] = {subject: [] for subject in paths}
+            for rep in range(repeats):
+                order = list(paths)
+                order = order[rep % 3:] + order[:rep % 3]
+                for subject in order:
+                    summary = wrk(f"http://127.0.0.1:{port}{paths[subject]}", 2, connections,
+                                  seconds, script)
+                    rates[subject].append(summary["requests_per_second"])
+                    summaries[subject].append(summary)
+                    self.log(f"  wrk {subject} #{rep}: {summary['requests_per_second']:.0f} req/s, "
+                             f"p50 {summary['p50_us'] / 1000:.1f} ms, p99 {summary['p99_us'] / 1000:.1f} ms")
+                    self.settle()
+            if len(self.origin_log_prefix(f"/v/{label}/")) != len(paths):
+                raise RuntimeError(f"fresh hits went to the origin: "
+                                   f"{len(self.origin_log_prefix(f'/v/{label}/'))} requests")
+            for subject, path in paths.items():
+                status = http_get(port, path).headers.get("cache-status", "")
+                if not status.startswith(wanted[subject]):
+                    raise RuntimeError(f"{path} after wrk: Cache-Status: {status}")
+            self.extra["volatile_hits"] = {"cache_status": statuses, "wrk": summaries}
+            immutable = statistics.median(rates["immutable"])
+            self.add(Row(section, f"immutable hit ({IMMUTABLE_PATH})", immutable, "req/s",
+                         samples=rates["immutable"], ratio=1.0, ratio_to="of immutable"))
+            for subject, name in (("dists", f"fresh volatile hit, Debian index ({VOLATILE_INDEX_PATH})"),
+                                  ("simple", f"fresh volatile hit, directory URL ({VOLATILE_PAGE_PATH})")):
+                value = statistics.median(rates[subject])
+                self.add(Row(section, name, value, "req/s", samples=rates[subject],
+                             ratio=value / immutable, ratio_to="of immutable"))
+            for subject, name in (("dists", VOLATILE_INDEX_PATH), ("simple", VOLATILE_PAGE_PATH)):
+                # Each run against the immutable run next to it.
+                ratios = [v / i for v, i in zip(rates[subject], rates["immutable"])]
+                value = statistics.median(ratios)
+                self.add(Row(section, f"volatile / immutable, {name}, run by run", value, "x",
+                             samples=ratios, target=f">= {FRESH_HIT_TARGET}x (1.0 within noise)",
+                             met=value >= FRESH_HIT_TARGET))
+        finally:
+            self.stop_pkgcache(process, cache)
+
+    def origin_log_prefix(self, prefix: str) -> list[str]:
+        with open(self.work / "origin" / "origin-access.log") as lines:
+            return [line for line in lines if line.startswith(prefix)]
+
     def profile(self) -> None:
         """
         An extra 1 GiB miss (not timed) with py-spy recording pkgcache,
@@ -878,6 +1472,8 @@ class Bench:
             (f"coalesced, origin at {THROTTLE_LABEL}", lambda: self.coalesced(throttled=True)),
             ("slow reader", self.slow_reader),
             ("wrk hits", self.wrk_hits),
+            (f"freshness: {BURST_CLIENTS} clients at once on a stale index", self.stale_burst),
+            ("freshness: fresh volatile hits against immutable hits", self.volatile_hits),
         ]
         if self.args.profile:
             steps.append(("py-spy profile of a miss", self.profile))
@@ -951,6 +1547,10 @@ def table(rows: list[Row]) -> str:
         numbers = [sample for sample in row.samples if isinstance(sample, (int, float))]
         if len(numbers) > 1 and row.unit == "s":
             spread = f"{min(numbers):.3f}–{max(numbers):.3f}"
+        elif len(numbers) > 1 and row.unit == "req/s":
+            spread = f"{min(numbers):.0f}–{max(numbers):.0f}"
+        elif len(numbers) > 1 and row.unit == "x":
+            spread = f"{min(numbers):.2f}–{max(numbers):.2f}"
         lines.append(f"| {row.subject} | {format_value(row.value, row.unit)} | {spread} "
                      f"| {ratio} | {target} |")
     return "\n".join(lines)
@@ -1003,7 +1603,7 @@ def main() -> int:
                         help="also record a py-spy profile of a miss (py-spy in the venv)")
     parser.add_argument("--only", action="append", default=[],
                         help="run only the steps whose name contains this word (repeatable): "
-                             "miss, coalesced, slow, wrk, profile")
+                             "miss, coalesced, slow, wrk, freshness, profile")
     parser.add_argument("--keep-workdir", action="store_true", help="for debugging")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "curl"):
