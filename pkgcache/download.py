@@ -101,14 +101,17 @@ class Download:
         *,
         clock,
         revalidating: Optional[CachedFile] = None,
-        digest: bool = False,
+        conditional: bool = True,
+        volatile: bool = False,
         check: Optional[IPublicationCheck] = None,
     ) -> None:
         self.key = key
         self._clock = clock
         self._stale = revalidating
         self.revalidating = revalidating is not None
-        self._digest = hashlib.sha256() if digest else None
+        self._conditional = conditional
+        self._volatile = volatile
+        self._digest = hashlib.sha256() if volatile else None
         self._check = check
         self.checked_at = 0.0
         #: the body was stored in the cache (for a revalidation: it
@@ -234,9 +237,9 @@ class Download:
         await self._slots.acquire()
         self.has_slot = True
         try:
+            validators = self._stale if self._conditional else None
             response = await self._upstream.fetch(
-                self.key,
-                revalidating=self._stale.metadata if self._stale is not None else None,
+                self.key, revalidating=validators.metadata if validators is not None else None
             )
             self.checked_at = self._clock.seconds()
             if response.not_modified:
@@ -319,9 +322,10 @@ class Download:
         Ask the other sources for the rest of the file.
 
         :raises BodyFailed: if the length is unknown (a resumed body could
-            not be checked) or no source can resume.
+            not be checked), the file is volatile (another mirror's rest
+            may belong to another version of it) or no source can resume.
         """
-        if self.length is None or self.received >= self.length:
+        if self.length is None or self.received >= self.length or self._volatile:
             raise broken
         log.info(
             "resuming {path} at byte {offset} of {length}",
@@ -487,11 +491,18 @@ class Downloads:
         self._running: set[Download] = set()
 
     def join_or_start(
-        self, key: CacheKey, *, revalidating: Optional[CachedFile] = None, volatile: bool = False
+        self,
+        key: CacheKey,
+        *,
+        revalidating: Optional[CachedFile] = None,
+        conditional: bool = True,
+        volatile: bool = False,
     ) -> tuple[Download, bool]:
         """
         :param revalidating: the stale copy of ``key``, to revalidate; the
             download closes it once done (at once, if one was running).
+        :param conditional: send the copy's validators (not for a copy
+            known to be wrong: its source would confirm it with a 304).
         :param volatile: the file may change in place: its digest is kept,
             and the publication check is asked before it is published.
         :return: the download of ``key``, and whether it was already running.
@@ -505,7 +516,8 @@ class Downloads:
             key, self._store, self._upstream, self._slots, self._retired,
             clock=self._clock,
             revalidating=revalidating,
-            digest=volatile,
+            conditional=conditional,
+            volatile=volatile,
             check=self._check if volatile else None,
         )
         self._by_key[key] = download

@@ -53,7 +53,8 @@ VOLATILE_DEFAULTS: tuple[Rule, ...] = (
     Rule(r"(^|/)snapshots/[^/]*latest[^/]*$", "Gentoo: the newest tree snapshot"),
     Rule(r"(^|/)releases/.+/latest-[^/]*\.txt$", "Gentoo: pointers to the newest stage files"),
     Rule(r"(^|/)simple/", "PyPI: the simple index and its project pages"),
-    Rule(r"(^|/)repodata/repomd\.xml$", "RPM: the repository's index of indexes"),
+    Rule(r"(^|/)repodata/repomd\.xml(\.asc)?$",
+         "RPM: the repository's index of indexes, and its signature"),
     Rule(r"(^|/)APKINDEX\.tar\.gz$", "Alpine: the repository index"),
     Rule(r"(^|/)repodata\.json[^/]*$", "conda: the channel index"),
 )
@@ -66,9 +67,8 @@ IMMUTABLE_DEFAULTS: tuple[Rule, ...] = (
 )
 
 
-def _compiled(rules: Iterable[Rule]) -> Optional["re.Pattern[str]"]:
-    patterns = [f"(?:{rule.pattern})" for rule in rules]
-    return re.compile("|".join(patterns)) if patterns else None
+def _compiled(rules: Iterable[Rule]) -> "re.Pattern[str]":
+    return re.compile("|".join(f"(?:{rule.pattern})" for rule in rules))
 
 
 class Freshness:
@@ -99,7 +99,8 @@ class Freshness:
         self.negative_max_age = negative_max_age
         self.stale_if_error = stale_if_error
         self.clock = clock
-        self._extra = _compiled(Rule(pattern, "--volatile") for pattern in volatile)
+        # Each on its own: flags such as (?i) apply to one pattern only.
+        self._extra = [re.compile(pattern) for pattern in volatile]
         self._defaults = _compiled(VOLATILE_DEFAULTS)
         self._immutable = _compiled(IMMUTABLE_DEFAULTS)
         self.negative = NegativeCache(negative_max_age, clock)
@@ -115,7 +116,7 @@ class Freshness:
         if key.directory:
             return True
         path = str(key)
-        if self._extra is not None and self._extra.search(path):
+        if any(pattern.search(path) for pattern in self._extra):
             return True
         return bool(self._defaults.search(path)) and not self._immutable.search(path)
 

@@ -38,6 +38,20 @@ ALLOWED_METHODS = (b"GET", b"HEAD")
 log = Logger()
 
 
+@dataclass(frozen=True)
+class _Revalidation:
+    """
+    A stale (or client-refused) copy to check with its source.
+
+    :ivar forced: the copy was fresh; the client's ``Cache-Control`` asked.
+    :ivar conditional: send its validators (not for a copy known wrong).
+    """
+
+    copy: CachedFile
+    forced: bool
+    conditional: bool
+
+
 @dataclass
 class _RequestRecord:
     """What happened to one request, for its log line."""
@@ -73,7 +87,7 @@ def _client_max_age(request: Request) -> Optional[float]:
             return 0.0
         if name == b"max-age":
             try:
-                limit = float(int(value.strip(b'"')))
+                limit = float(min(int(value.strip(b'"')), 2**31))
             except ValueError:
                 return 0.0
     return limit
@@ -216,45 +230,58 @@ class PackageCacheResource(Resource):
         except IsADirectoryError:
             return send_error(request, http.NOT_FOUND, "directories are not served")
         volatile = self.freshness.is_volatile(key)
-        client_max_age = _client_max_age(request) if volatile else None
-        if cached is not None:
-            if not volatile:
-                request.setHeader(b"cache-status", _IMMUTABLE_HIT)
-            elif self.freshness.is_fresh(cached.metadata, client_max_age) and (
-                self.releases.is_consistent(key, cached.metadata)
-            ):
-                _cache_status(request, "hit", f"ttl={self.freshness.ttl(cached.metadata)}")
-            elif (
-                client_max_age is None
-                and key in self.freshness.unreachable
-                and self.freshness.may_serve_stale(cached.metadata)
-            ):
-                return self._serve_stale(request, cached, record)
-            else:
-                forced = client_max_age is not None and self.freshness.is_fresh(cached.metadata)
-                return self._miss(request, key, record, cached, volatile, forced)
+        if cached is not None and not volatile:
             record.outcome = Outcome.HIT
+            request.setHeader(b"cache-status", _IMMUTABLE_HIT)
             return self._serve_copy(request, cached)
-        if key in self.freshness.negative and _client_max_age(request) != 0:
+        if cached is not None:
+            return self._answer_volatile(request, key, record, cached)
+        if key in self.freshness.negative:
+            # Whatever the client's Cache-Control: apt and pip send max-age=0
+            # with every index request.
             record.outcome = Outcome.NEGATIVE
             self.metrics.negative_hits.inc()
             _cache_status(request, "hit", "detail=negative")
             return send_error(request, http.NOT_FOUND, "no source has this file (remembered)")
-        self._miss(request, key, record, None, volatile, False)
+        self._miss(request, key, record, volatile, None)
+
+    def _answer_volatile(
+        self, request: Request, key: CacheKey, record: _RequestRecord, cached: CachedFile
+    ) -> None:
+        """A cached volatile file: served while fresh, else revalidated."""
+        try:
+            metadata = cached.metadata
+            consistent = self.releases.is_consistent(key, metadata)
+            fresh = consistent and self.freshness.is_fresh(metadata)
+            client_max_age = _client_max_age(request)
+            fresh_for_client = fresh and self.freshness.is_fresh(metadata, client_max_age)
+        except BaseException:
+            cached.close()
+            raise
+        if fresh_for_client:
+            record.outcome = Outcome.HIT
+            _cache_status(request, "hit", f"ttl={self.freshness.ttl(metadata)}")
+            return self._serve_copy(request, cached)
+        if consistent and key in self.freshness.unreachable and (
+            self.freshness.may_serve_stale(metadata)
+        ):
+            return self._serve_stale(request, cached, record)
+        # A copy its suite's index says is wrong is fetched afresh: its
+        # source, if it lags, would confirm it with a 304.
+        self._miss(request, key, record, True, _Revalidation(cached, fresh, consistent))
 
     def _miss(
         self,
         request: Request,
         key: CacheKey,
         record: _RequestRecord,
-        stale: Optional[CachedFile],
         volatile: bool,
-        forced: bool,
+        revalidation: Optional["_Revalidation"],
     ) -> None:
-        if request.method == b"HEAD" and stale is None:
+        if request.method == b"HEAD" and revalidation is None:
             answering = self._head_miss(request, key, record)
         else:
-            answering = self._get_miss(request, key, record, stale, volatile, forced)
+            answering = self._get_miss(request, key, record, volatile, revalidation)
         Deferred.fromCoroutine(answering).addErrback(self._unexpected, request, record)
 
     def _serve_copy(self, request: Request, cached: CachedFile) -> None:
@@ -265,17 +292,22 @@ class PackageCacheResource(Resource):
         request: Request,
         key: CacheKey,
         record: _RequestRecord,
-        stale: Optional[CachedFile],
         volatile: bool,
-        forced: bool,
+        revalidation: Optional["_Revalidation"],
     ) -> None:
-        """
-        Answer from the download of ``key``: a miss, or the revalidation of
-        a ``stale`` copy (``forced`` by the client's ``Cache-Control``).
-        """
+        """Answer from the download of ``key``: a miss, or a revalidation."""
         client_gone = _watch_disconnect(request)
-        download, joined = self.downloads.join_or_start(key, revalidating=stale, volatile=volatile)
-        forwarded = "fwd=" + ("request" if forced else "stale" if stale is not None else "miss")
+        stale = revalidation.copy if revalidation is not None else None
+        download, joined = self.downloads.join_or_start(
+            key,
+            revalidating=stale,
+            conditional=revalidation is None or revalidation.conditional,
+            volatile=volatile,
+        )
+        if revalidation is None:
+            forwarded = "fwd=miss"
+        else:
+            forwarded = "fwd=request" if revalidation.forced else "fwd=stale"
         record.outcome = Outcome.COALESCED if joined else Outcome.MISS
         try:
             response = await download.when_headers_known()
@@ -378,10 +410,13 @@ class PackageCacheResource(Resource):
         """Revalidate a cached copy with no client waiting (it is known stale)."""
         if self.downloads.in_flight(key) is not None or not self.store.running:
             return
-        cached = self.store.open_file(key)
+        try:
+            cached = self.store.open_file(key)
+        except OSError:
+            return
         if cached is not None:
-            log.info("revalidating {path}: it no longer matches its index", path=str(key))
-            self.downloads.join_or_start(key, revalidating=cached, volatile=True)
+            log.info("refetching {path}: it no longer matches its index", path=str(key))
+            self.downloads.join_or_start(key, revalidating=cached, conditional=False, volatile=True)
 
     async def _head_miss(self, request: Request, key: CacheKey, record: _RequestRecord) -> None:
         """

@@ -382,7 +382,7 @@ class UpstreamClient:
             start = sources.index(after) + 1
             sources = sources[start:] + sources[:start]
         ordered = self.health.order(sources)
-        if first is not None:
+        if first is not None and not self.health.is_down(first):
             ordered = [first] + [source for source in ordered if source is not first]
         return ordered
 

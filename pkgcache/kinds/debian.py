@@ -342,10 +342,20 @@ class ReleaseTracker:
             return True
         current = self._release_of(release_directory(str(key)))
         if current is not None and current.date and release.date and release.date < current.date:
+            if not self._still_cached(key):
+                current = None  # culled: nothing newer left to keep
+        if current is not None and current.date and release.date and release.date < current.date:
             log.warn("not caching {path}: it is older (Date) than the one in the cache; "
                      "its source may lag behind", path=str(key))
             return False
         self._fetched[key] = release
+        return True
+
+    def _still_cached(self, key: CacheKey) -> bool:
+        cached = self._store.open_file(key)
+        if cached is None:
+            return False
+        cached.close()
         return True
 
     def _listed(self, path: str) -> Optional[IndexEntry]:
