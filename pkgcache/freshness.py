@@ -40,24 +40,41 @@ class Rule:
     reason: str
 
 
-#: Files that change in place, in every kind of repository we know.  The
-#: README lists them with these reasons.
-VOLATILE_DEFAULTS: tuple[Rule, ...] = (
+_DEBIAN: tuple[Rule, ...] = (
     Rule(r"(^|/)dists/(.+/)?(InRelease|Release|Release\.gpg)$",
          "Debian/Ubuntu: the signed list of a suite's indexes, rewritten on every publish"),
     Rule(r"(^|/)dists/.+/(Packages|Sources|Contents-|Translation-|Components-|icons-)[^/]*$",
          "Debian/Ubuntu: the indexes of a suite, under their canonical names"),
     Rule(r"/Index$", "Debian/Ubuntu: the list of pdiffs of an index"),
-    Rule(r"SUMS[^/]*$", "checksum lists (SHA256SUMS...) of releases and images"),
+)
+_SUMS = (Rule(r"SUMS[^/]*$", "checksum lists (SHA256SUMS...) of releases and images"),)
+_GENTOO: tuple[Rule, ...] = (
     Rule(r"(^|/)distfiles/layout\.conf$", "Gentoo: how a mirror lays out its distfiles"),
     Rule(r"(^|/)snapshots/[^/]*latest[^/]*$", "Gentoo: the newest tree snapshot"),
     Rule(r"(^|/)releases/.+/latest-[^/]*\.txt$", "Gentoo: pointers to the newest stage files"),
-    Rule(r"(^|/)simple/", "PyPI: the simple index and its project pages"),
+)
+_PYPI = (Rule(r"(^|/)simple/", "PyPI: the simple index and its project pages"),)
+_RPM = (
     Rule(r"(^|/)repodata/repomd\.xml(\.asc)?$",
          "RPM: the repository's index of indexes, and its signature"),
+)
+_OTHERS: tuple[Rule, ...] = (
     Rule(r"(^|/)APKINDEX\.tar\.gz$", "Alpine: the repository index"),
     Rule(r"(^|/)repodata\.json[^/]*$", "conda: the channel index"),
 )
+
+#: Files that change in place, by the kind of repository a mirror is; a
+#: ``generic`` tree (``--source``) may hold any of them.  The README lists
+#: them with these reasons.
+VOLATILE_BY_KIND: dict[str, tuple[Rule, ...]] = {
+    "debian": _DEBIAN + _SUMS,
+    "ubuntu": _DEBIAN + _SUMS,
+    "gentoo": _GENTOO + _SUMS,
+    "pypi": _PYPI,
+    "rpm": _RPM + _SUMS,
+    "generic": _DEBIAN + _SUMS + _GENTOO + _PYPI + _RPM + _OTHERS,
+}
+VOLATILE_DEFAULTS = VOLATILE_BY_KIND["generic"]
 
 #: Exceptions to the defaults: content-addressed or versioned files, which
 #: never change even where a default pattern would match.
@@ -83,6 +100,7 @@ class Freshness:
     :param stale_if_error: seconds past its freshness that a volatile copy
         is still served when no source can revalidate it (0: never).
     :param clock: tells the time of checks and ages.
+    :param kind: which defaults apply (a key of :data:`VOLATILE_BY_KIND`).
     :raises re.error: if a pattern is not a valid regular expression.
     """
 
@@ -90,6 +108,7 @@ class Freshness:
         self,
         volatile: Sequence[str] = (),
         *,
+        kind: str = "generic",
         max_age: float = DEFAULT_MAX_AGE,
         negative_max_age: float = DEFAULT_NEGATIVE_MAX_AGE,
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
@@ -101,7 +120,7 @@ class Freshness:
         self.clock = clock
         # Each on its own: flags such as (?i) apply to one pattern only.
         self._extra = [re.compile(pattern) for pattern in volatile]
-        self._defaults = _compiled(VOLATILE_DEFAULTS)
+        self._defaults = _compiled(VOLATILE_BY_KIND[kind])
         self._immutable = _compiled(IMMUTABLE_DEFAULTS)
         self.negative = NegativeCache(negative_max_age, clock)
         #: Paths whose revalidation just failed: for ``max_age`` seconds

@@ -123,6 +123,8 @@ class PackageCacheResource(Resource):
     :param volatile: more patterns of files that change in place (see
         :class:`~pkgcache.freshness.Freshness`, as are the ages).
     :param clock: tells the time for freshness (default: ``reactor``).
+    :param kind: the kind of repository, which chooses the built-in
+        volatile rules (see :data:`~pkgcache.freshness.VOLATILE_BY_KIND`).
     """
 
     isLeaf = True
@@ -147,6 +149,7 @@ class PackageCacheResource(Resource):
         negative_max_age: float = DEFAULT_NEGATIVE_MAX_AGE,
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
         clock=None,
+        kind: str = "generic",
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -178,6 +181,7 @@ class PackageCacheResource(Resource):
             negative_max_age=negative_max_age,
             stale_if_error=stale_if_error,
             clock=clock if clock is not None else reactor,
+            kind=kind,
         )
         self.releases = ReleaseTracker(store, self._revalidate_now)
         self.downloads = Downloads(

@@ -299,3 +299,46 @@ def _current_umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+class StoreArea:
+    """
+    One mirror's tree in a shared store: ``CACHE_DIR/NAME/``.  Keys are
+    the mirror's own (``/dists/x``); the store sees them under ``NAME``.
+    Opening, closing, the disk threads and the spool directory are the
+    store's, shared by every area.
+    """
+
+    def __init__(self, store: CacheStore, name: str) -> None:
+        assert name and not name.startswith(".") and "/" not in name
+        self.store = store
+        self.name = name
+
+    def _key(self, key: CacheKey) -> CacheKey:
+        return CacheKey((self.name,) + key.segments, key.directory)
+
+    @property
+    def running(self) -> bool:
+        return self.store.running
+
+    @property
+    def cache_dir(self) -> FilePath:
+        return self.store.cache_dir.child(self.name)
+
+    def path_for(self, key: CacheKey) -> FilePath:
+        return self.store.path_for(self._key(key))
+
+    def open_file(self, key: CacheKey) -> Optional[CachedFile]:
+        return self.store.open_file(self._key(key))
+
+    def new_spool(self, key: CacheKey) -> SpoolWriter:
+        return self.store.new_spool(self._key(key))
+
+    def in_disk_thread(self, function, *args) -> Deferred:
+        return self.store.in_disk_thread(function, *args)
+
+    def published(self, size: int) -> None:
+        self.store.published(size)
+
+    def close(self) -> "Deferred[None]":
+        return self.store.close()

@@ -12,8 +12,10 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 from pkgcache.accesslog import AccessLog
 from pkgcache.freshness import DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR
+from pkgcache.mirrors import ConfigError, load_config
 from pkgcache.sizes import parse_size
 from pkgcache.resource import PackageCacheResource
+from pkgcache.root import MirrorsResource
 from pkgcache.service import PackageCacheService
 from pkgcache.store import CacheStore
 from pkgcache.upstream import Source
@@ -81,6 +83,11 @@ class Options(usage.Options):
     )
 
     optParameters = [
+        ["config", None, None,
+         "A TOML file of options (keys named as the options, e.g. cache-dir = "
+         "\"/var/cache/pkgcache\", listen = [\"tcp:4000\"]) and of mirrors served "
+         "under /NAME/ ([mirrors.NAME] with sources and kind); the command line "
+         "wins over it."],
         ["cache-dir", None, None,
          "Directory the cache is kept in; created if missing. "
          "[default: $XDG_CACHE_HOME/pkgcache]"],
@@ -113,6 +120,20 @@ class Options(usage.Options):
         self["volatile-max-age"] = DEFAULT_MAX_AGE
         self["negative-max-age"] = DEFAULT_NEGATIVE_MAX_AGE
         self["stale-if-error"] = DEFAULT_STALE_IF_ERROR
+        self["mirrors"] = []
+        #: The options given on the command line (they win over --config).
+        self.given: set[str] = set()
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._noting(handler)
+
+    def _noting(self, handler):
+        call = handler.dispatch if isinstance(handler, usage.CoerceParameter) else handler
+
+        def dispatch(name: str, value: str) -> None:
+            self.given.add(name.replace("_", "-"))
+            call(name, value)
+
+        return dispatch
 
     def opt_source(self, url: str) -> None:
         """Base URL to fetch files from (http or https); repeat for failover, in order of preference. At least one is required."""  # noqa: E501
@@ -153,9 +174,41 @@ class Options(usage.Options):
         """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501
         self["listen"].append(description)
 
+    def _apply_config(self, path: str) -> None:
+        try:
+            config = load_config(path)
+        except ConfigError as error:
+            raise usage.UsageError(f"--config {error}") from None
+        parameters = {parameter[0] for parameter in self.optParameters}
+        for key, value in config.options.items():
+            if key in self.given:
+                continue
+            handler = getattr(self, "opt_" + key.replace("-", "_"), None)
+            if key in _LIST_OPTIONS:
+                if not isinstance(value, list):
+                    raise usage.UsageError(f"--config {path}: {key!r} must be a list")
+                for item in value:
+                    handler(str(item))
+            elif handler is not None and key != "help":
+                handler(str(value))
+            elif key in parameters and key != "config":
+                self[key] = str(value)
+            else:
+                raise usage.UsageError(f"--config {path}: unknown key {key!r}")
+        self["mirrors"] = config.mirrors
+
     def postOptions(self) -> None:
-        if not self["sources"]:
-            raise usage.UsageError("at least one --source URL is required")
+        if self["config"] is not None:
+            self._apply_config(self["config"])
+        if self["mirrors"] and self["sources"]:
+            raise usage.UsageError(
+                "--source serves one tree at /, [mirrors] serve trees under /NAME/: "
+                "use one or the other"
+            )
+        if not self["sources"] and not self["mirrors"]:
+            raise usage.UsageError(
+                "at least one --source URL is required (or [mirrors.NAME] in --config)"
+            )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:
@@ -188,6 +241,10 @@ class Options(usage.Options):
         self["cache-dir"] = cache_dir
 
 
+#: Options given once per value; a list in --config.
+_LIST_OPTIONS = ("source", "listen", "volatile")
+
+
 def _check_endpoint(option: str, description: str) -> None:
     """
     Parse an endpoint string now, so that a typo is a usage error rather than
@@ -212,9 +269,7 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
     access_log = None
     if config["access-log"] is not None:
         access_log = AccessLog.open(config["access-log"], reactor)
-    resource = PackageCacheResource(
-        config["sources"],
-        config["cache-dir"],
+    options = dict(
         reactor=reactor,
         connect_timeout=config["connect-timeout"],
         idle_timeout=config["idle-timeout"],
@@ -226,6 +281,10 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         negative_max_age=config["negative-max-age"],
         stale_if_error=config["stale-if-error"],
     )
+    if config["mirrors"]:
+        resource = MirrorsResource(config["mirrors"], config["cache-dir"], **options)
+    else:
+        resource = PackageCacheResource(config["sources"], config["cache-dir"], **options)
     return PackageCacheService(
         resource,
         config["listen"],

@@ -1,0 +1,119 @@
+"""
+The site root when several mirrors share one port (``--config`` with
+``[mirrors.NAME]`` tables): ``/NAME/...`` goes to that mirror's
+:class:`~pkgcache.resource.PackageCacheResource`, and ``/`` says what
+mirrors there are and how a client uses each.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.filepath import FilePath
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from pkgcache.accesslog import AccessLog
+from pkgcache.metrics import Metrics
+from pkgcache.mirrors import Mirror
+from pkgcache.resource import PackageCacheResource
+from pkgcache.responses import send_error
+from pkgcache.store import CacheStore, StoreArea
+
+#: What a client needs to use a mirror of each kind; ``{url}`` is the mirror's.
+_CLIENT_LINES = {
+    "debian": "in sources.list: deb {url} SUITE main",
+    "ubuntu": "in sources.list: deb {url} SUITE main",
+    "gentoo": 'in make.conf: GENTOO_MIRRORS="{url}"',
+    "rpm": "in a .repo file: baseurl={url}...",
+    "generic": "files at {url}PATH",
+}
+
+
+class MirrorsResource(Resource):
+    """
+    Every mirror of a configuration, each under ``/NAME/`` and in
+    ``CACHE_DIR/NAME/`` of one shared store.
+
+    :param options: passed to every mirror's resource (timeouts, limits,
+        freshness); a mirror's own ``volatile`` patterns add to
+        ``volatile``, and its ``volatile_max_age`` wins.
+    """
+
+    def __init__(
+        self,
+        mirrors: Sequence[Mirror],
+        cache_dir: Union[str, FilePath] = "",
+        *,
+        reactor=None,
+        metrics: Optional[Metrics] = None,
+        access_log: Optional[AccessLog] = None,
+        store: Optional[CacheStore] = None,
+        volatile: Sequence[str] = (),
+        **options,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        if store is None:
+            path = cache_dir if isinstance(cache_dir, FilePath) else FilePath(cache_dir)
+            store = CacheStore(path, reactor)
+        self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.mirrors: dict[str, PackageCacheResource] = {}
+        for mirror in mirrors:
+            own = dict(options)
+            if mirror.volatile_max_age is not None:
+                own["volatile_max_age"] = mirror.volatile_max_age
+            self.mirrors[mirror.name] = PackageCacheResource(
+                mirror.sources,
+                reactor=reactor,
+                metrics=self.metrics,
+                access_log=access_log,
+                store=StoreArea(store, mirror.name),
+                kind=mirror.kind,
+                volatile=tuple(volatile) + mirror.volatile,
+                **own,
+            )
+        self._kinds = {mirror.name: mirror.kind for mirror in mirrors}
+        resources = list(self.mirrors.values())
+        self.metrics.count_downloads(
+            lambda: sum(len(resource.downloads) for resource in resources),
+            lambda: sum(resource.downloads.waiting for resource in resources),
+        )
+
+    def close(self) -> "Deferred[None]":
+        """Close every mirror (their downloads, then the shared store)."""
+        closing = DeferredList([mirror.close() for mirror in self.mirrors.values()])
+        return closing.addCallback(lambda _: None)
+
+    def getChild(self, name: bytes, request: Request) -> Resource:
+        if name == b"" and not request.postpath:
+            return self  # "/" itself: the list of mirrors
+        mirror = self.mirrors.get(name.decode("utf-8", "replace"))
+        if mirror is None:
+            return _UnknownMirror()
+        return mirror
+
+    def render_GET(self, request: Request) -> bytes:
+        host = (request.getHeader(b"host") or b"cache-host").decode("latin-1", "replace")
+        lines = ["pkgcache mirrors:", ""]
+        for name, kind in self._kinds.items():
+            url = f"http://{host}/{name}/"
+            lines.append(f"/{name}/ ({kind}): " + _CLIENT_LINES[kind].format(url=url))
+        body = ("\n".join(lines) + "\n").encode("utf-8")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return body
+
+    render_HEAD = render_GET
+
+
+class _UnknownMirror(Resource):
+    isLeaf = True
+
+    def render(self, request: Request):
+        send_error(request, http.NOT_FOUND, "no such mirror: see / for the mirrors there are")
+        return NOT_DONE_YET
