@@ -28,13 +28,13 @@ class Metrics:
             "download in progress), revalidated (a stale copy its source "
             "confirmed), stale (served when no source could revalidate it), "
             "negative (a remembered 404) or error.",
-            ["outcome"],
+            ["mirror", "outcome"],
             registry=self.registry,
         )
         self.served_bytes = Counter(
             "pkgcache_served_bytes",
             "Body bytes sent to clients, by where they came from: cache or source.",
-            ["origin"],
+            ["mirror", "origin"],
             registry=self.registry,
         )
         self.upstream_requests = Counter(
@@ -52,18 +52,20 @@ class Metrics:
             "pkgcache_revalidations",
             "Revalidations of stale volatile files with their source, by result: "
             "not-modified (304), modified (a new copy) or failed (no source answered).",
-            ["result"],
+            ["mirror", "result"],
             registry=self.registry,
         )
         self.stale_answers = Counter(
             "pkgcache_stale_answers",
             "Stale copies served because no source could revalidate them (--stale-if-error).",
+            ["mirror"],
             registry=self.registry,
         )
         self.negative_hits = Counter(
             "pkgcache_negative_hits",
             "404s answered from memory: every source said 404 less than "
             "--negative-max-age ago.",
+            ["mirror"],
             registry=self.registry,
         )
         self.in_flight = Gauge(
@@ -102,14 +104,23 @@ class Metrics:
         self.in_flight.set_function(in_flight)
         self.waiting.set_function(waiting)
 
-    def request_finished(self, outcome: Outcome, body_bytes: int) -> None:
-        self.requests.labels(outcome.value).inc()
+    # Each of these is by mirror: its name under --config, "" for the one
+    # tree of --source.
+
+    def request_finished(self, mirror: str, outcome: Outcome, body_bytes: int) -> None:
+        self.requests.labels(mirror, outcome.value).inc()
         origin = outcome.body_origin
         if origin is not None and body_bytes:
-            self.served_bytes.labels(origin).inc(body_bytes)
+            self.served_bytes.labels(mirror, origin).inc(body_bytes)
 
-    def revalidated(self, result: str) -> None:
-        self.revalidations.labels(result).inc()
+    def revalidated(self, mirror: str, result: str) -> None:
+        self.revalidations.labels(mirror, result).inc()
+
+    def stale_answer(self, mirror: str) -> None:
+        self.stale_answers.labels(mirror).inc()
+
+    def negative_hit(self, mirror: str) -> None:
+        self.negative_hits.labels(mirror).inc()
 
     def upstream_answered(self, source: str, status: str) -> None:
         self.upstream_requests.labels(source, status).inc()

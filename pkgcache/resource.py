@@ -125,6 +125,7 @@ class PackageCacheResource(Resource):
     :param clock: tells the time for freshness (default: ``reactor``).
     :param kind: the kind of repository, which chooses the built-in
         volatile rules (see :data:`~pkgcache.freshness.VOLATILE_BY_KIND`).
+    :param name: the mirror's name, for its metrics' ``mirror`` label.
     """
 
     isLeaf = True
@@ -150,6 +151,7 @@ class PackageCacheResource(Resource):
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
         clock=None,
         kind: str = "generic",
+        name: str = "",
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -157,6 +159,7 @@ class PackageCacheResource(Resource):
         if not cache_dir and store is None:
             raise ValueError("a cache directory is needed")
         self._reactor = reactor
+        self.name = name
         self._access_log = access_log
         self._client_stall_timeout = client_stall_timeout
         if upstream is None:
@@ -244,7 +247,7 @@ class PackageCacheResource(Resource):
             # Whatever the client's Cache-Control: apt and pip send max-age=0
             # with every index request.
             record.outcome = Outcome.NEGATIVE
-            self.metrics.negative_hits.inc()
+            self.metrics.negative_hit(self.name)
             _cache_status(request, "hit", "detail=negative")
             return send_error(request, http.NOT_FOUND, "no source has this file (remembered)")
         self._miss(request, key, record, volatile, None)
@@ -335,14 +338,14 @@ class PackageCacheResource(Resource):
         self.freshness.unreachable.forget(key)
         if response.not_modified:
             if not joined:
-                self.metrics.revalidated("not-modified")
+                self.metrics.revalidated(self.name, "not-modified")
             record.outcome = Outcome.REVALIDATED
             if client_gone:
                 return
             _cache_status(request, forwarded, "fwd-status=304")
             return self._answer_from_store(request, key)
         if stale is not None and not joined:
-            self.metrics.revalidated("modified")
+            self.metrics.revalidated(self.name, "modified")
         if is_release_file(str(key)):
             # Checked before anyone sees it: an older one than we have is
             # refused, and its listed indexes checked (kinds.debian).
@@ -395,7 +398,7 @@ class PackageCacheResource(Resource):
         log.warn("serving a stale copy of {path}: no source could revalidate it",
                  path=request.path.decode("utf-8", "replace"))
         record.outcome = Outcome.STALE
-        self.metrics.stale_answers.inc()
+        self.metrics.stale_answer(self.name)
         _cache_status(request, "hit", "detail=stale-if-error")
         self._serve_copy(request, cached)
 
@@ -408,7 +411,7 @@ class PackageCacheResource(Resource):
         elif revalidation:
             self.freshness.unreachable.remember(key)
         if revalidation and counted:
-            self.metrics.revalidated("failed")
+            self.metrics.revalidated(self.name, "failed")
 
     def _revalidate_now(self, key: CacheKey) -> None:
         """Revalidate a cached copy with no client waiting (it is known stale)."""
@@ -482,7 +485,7 @@ class PackageCacheResource(Resource):
             source=record.source,
             dropped=" (connection dropped)" if dropped else "",
         )
-        self.metrics.request_finished(record.outcome, request.sentLength)
+        self.metrics.request_finished(self.name, record.outcome, request.sentLength)
         if self._access_log is not None:
             self._access_log.record(request, record.outcome, dropped)
 

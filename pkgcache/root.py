@@ -74,6 +74,7 @@ class MirrorsResource(Resource):
                 access_log=access_log,
                 store=StoreArea(store, mirror.name),
                 kind=mirror.kind,
+                name=mirror.name,
                 volatile=tuple(volatile) + mirror.volatile,
                 **own,
             )

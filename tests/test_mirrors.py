@@ -5,6 +5,9 @@ Several mirrors on one port: the TOML configuration, its errors, and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -16,7 +19,8 @@ from pkgcache.paths import cache_key_from_postpath
 from pkgcache.root import MirrorsResource
 from pkgcache.service import CacheService
 from pkgcache.tap import Options, makeService
-from tests.conftest import fetch
+from tests.conftest import fetch, wait_for
+from tests.origin import OriginServer
 
 CONFIG = """
 cache-dir = "{cache}"
@@ -110,6 +114,15 @@ def test_plain_sources_in_a_config_file_serve_one_tree(tmp_path):
     assert [str(s) for s in resource.upstream.sources] == ["http://a.example/", "http://b.example/"]
 
 
+@dataclass
+class Served:
+    url: str
+    a: OriginServer
+    b: OriginServer
+    cache: Path
+    root: MirrorsResource
+
+
 @pytest_twisted.async_yield_fixture
 async def site(tmp_path, origins):
     a, b = origins(), origins()
@@ -119,21 +132,19 @@ async def site(tmp_path, origins):
     service = CacheService(root)
     service.startService()
     port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-    yield f"http://127.0.0.1:{port.getHost().port}", a, b, tmp_path / "cache"
+    yield Served(f"http://127.0.0.1:{port.getHost().port}", a, b, tmp_path / "cache", root)
     await port.stopListening()
     await service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_each_mirror_is_served_from_its_sources_into_its_directory(site, http):
-    url, a, b, cache = site
+    url, a, b, cache = site.url, site.a, site.b, site.cache
     a.add("/pool/main/f/foo.deb", b"deb from a")
     b.add("/distfiles/foo.tar.gz", b"distfile from b")
     _, deb = await fetch(http, url + "/debian/pool/main/f/foo.deb")
     _, distfile = await fetch(http, url + "/gentoo/distfiles/foo.tar.gz")
     assert (deb, distfile) == (b"deb from a", b"distfile from b")
-    from tests.conftest import wait_for
-
     await wait_for(lambda: (cache / "gentoo/distfiles/foo.tar.gz").exists())
     await wait_for(lambda: (cache / "debian/pool/main/f/foo.deb").exists())
     assert (cache / "debian/pool/main/f/foo.deb").read_bytes() == b"deb from a"
@@ -145,7 +156,7 @@ async def test_each_mirror_is_served_from_its_sources_into_its_directory(site, h
 
 @pytest_twisted.ensureDeferred
 async def test_an_unknown_mirror_is_404_and_asks_no_source(site, http):
-    url, a, b, _ = site
+    url, a, b = site.url, site.a, site.b
     response, body = await fetch(http, url + "/unknown/pool/x.deb")
     assert response.code == 404 and b"no such mirror" in body
     assert a.origin.requests == [] and b.origin.requests == []
@@ -153,9 +164,24 @@ async def test_an_unknown_mirror_is_404_and_asks_no_source(site, http):
 
 @pytest_twisted.ensureDeferred
 async def test_the_root_lists_the_mirrors_with_client_lines(site, http):
-    url, _, _, _ = site
+    url = site.url
     response, body = await fetch(http, url + "/")
     host = url.split("//", 1)[1]
     assert response.code == 200
     assert f"deb http://{host}/debian/ SUITE main".encode() in body
     assert f'GENTOO_MIRRORS="http://{host}/gentoo/"'.encode() in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_carry_the_mirror(site, http):
+    url, a, b = site.url, site.a, site.b
+    b.add("/distfiles/foo.tar.gz", b"distfile")
+    await fetch(http, url + "/gentoo/distfiles/foo.tar.gz")
+    await fetch(http, url + "/debian/pool/missing.deb")
+    registry = site.root.metrics.registry
+    assert registry.get_sample_value(
+        "pkgcache_requests_total", {"mirror": "gentoo", "outcome": "miss"}
+    ) == 1
+    assert registry.get_sample_value(
+        "pkgcache_requests_total", {"mirror": "debian", "outcome": "error"}
+    ) == 1

@@ -75,10 +75,10 @@ async def test_metrics_after_hits_misses_coalesced_errors_and_failovers(origin, 
     samples = await scrape(http, metrics)
     assert samples_during[("pkgcache_downloads_in_flight",)] == 1
     assert samples[("pkgcache_downloads_in_flight",)] == 0
-    outcome = lambda kind: samples[("pkgcache_requests_total", ("outcome", kind))]  # noqa: E731
+    outcome = lambda kind: samples[("pkgcache_requests_total", ("mirror", ""), ("outcome", kind))]  # noqa: E731
     assert (outcome("hit"), outcome("miss"), outcome("coalesced"), outcome("error")) == (1, 2, 1, 1)
-    assert samples[("pkgcache_served_bytes_total", ("origin", "cache"))] == len(DATA)
-    assert samples[("pkgcache_served_bytes_total", ("origin", "source"))] == 3 * len(DATA)
+    assert samples[("pkgcache_served_bytes_total", ("mirror", ""), ("origin", "cache"))] == len(DATA)
+    assert samples[("pkgcache_served_bytes_total", ("mirror", ""), ("origin", "source"))] == 3 * len(DATA)
     upstream = lambda source, status: samples.get(  # noqa: E731
         ("pkgcache_upstream_requests_total", ("source", source), ("status", status)), 0
     )

@@ -181,11 +181,11 @@ async def test_download_through_twist_then_hit_with_source_gone(origin, twist, h
     assert entries[-1].endswith('"GET /distfiles/foo-1.0.tar.gz HTTP/1.1" 200 2000000 "-" "-" hit')
     for _ in range(100):
         _, metrics = await fetch(http, f"http://127.0.0.1:{metrics_port}/metrics")
-        if b'pkgcache_requests_total{outcome="hit"} 1.0' in metrics:
+        if b'pkgcache_requests_total{mirror="",outcome="hit"} 1.0' in metrics:
             break
         await sleep(0.05)
-    assert b'pkgcache_requests_total{outcome="hit"} 1.0' in metrics
-    assert b'pkgcache_requests_total{outcome="miss"} 1.0' in metrics
+    assert b'pkgcache_requests_total{mirror="",outcome="hit"} 1.0' in metrics
+    assert b'pkgcache_requests_total{mirror="",outcome="miss"} 1.0' in metrics
 
 
 @pytest_twisted.ensureDeferred

@@ -21,6 +21,7 @@ V2 = {"etag": '"v2"', "last-modified": "Tue, 02 Jun 2026 10:00:00 GMT"}
 
 
 def sample(cache, name: str, **labels) -> float:
+    labels = {"mirror": "", **labels}
     return cache.resource.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
