@@ -1,14 +1,18 @@
 """
 pkgcache: a caching reverse proxy for package downloads.
 
-Embed :class:`PackageCacheResource` in any ``twisted.web`` site (with a
-:class:`CacheService` for its start and stop), or run
-``twist pkgcache --source URL``.
+Embed :class:`PackageCacheResource` (one mirror) or :class:`MirrorsResource`
+(several, from :func:`load_config` or :class:`Mirror` values) in any
+``twisted.web`` site, with a :class:`CacheService` for its start and stop,
+or run ``twist pkgcache --source URL`` or ``twist pkgcache --config FILE``.
 """
 
 __version__ = "0.3.0"
 
-__all__ = ["CacheService", "PackageCacheResource", "__version__"]
+__all__ = [
+    "CacheService", "Mirror", "MirrorsResource", "PackageCacheResource", "load_config",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -21,4 +25,12 @@ def __getattr__(name: str):
         from pkgcache.service import CacheService
 
         return CacheService
+    if name == "MirrorsResource":
+        from pkgcache.root import MirrorsResource
+
+        return MirrorsResource
+    if name in ("Mirror", "load_config"):
+        from pkgcache import mirrors
+
+        return getattr(mirrors, name)
     raise AttributeError(f"module 'pkgcache' has no attribute {name!r}")

@@ -185,3 +185,19 @@ async def test_metrics_carry_the_mirror(site, http):
     assert registry.get_sample_value(
         "pkgcache_requests_total", {"mirror": "debian", "outcome": "error"}
     ) == 1
+
+
+def test_the_embedding_api_names_the_mirror_classes(tmp_path):
+    import pkgcache
+    from pkgcache.sources import Source
+
+    root = pkgcache.MirrorsResource(
+        [pkgcache.Mirror("debian", (Source("http://a.example/"),), "debian")],
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert list(root.mirrors) == ["debian"]
+    config = write_config(tmp_path, '[mirrors.g]\nkind = "gentoo"\nsources = ["http://b/"]\n')
+    (mirror,) = pkgcache.load_config(config).mirrors
+    assert (mirror.name, mirror.kind, [str(s) for s in mirror.sources]) == (
+        "g", "gentoo", ["http://b/"]
+    )
