@@ -96,6 +96,8 @@ class MirrorsResource(Resource):
         mirror = self.mirrors.get(name.decode("utf-8", "replace"))
         if mirror is None:
             return _UnknownMirror()
+        if not request.postpath:
+            return _ToMirrorRoot()  # /NAME: its tree is /NAME/
         return mirror
 
     def render_GET(self, request: Request) -> bytes:
@@ -118,3 +120,13 @@ class _UnknownMirror(Resource):
     def render(self, request: Request):
         send_error(request, http.NOT_FOUND, "no such mirror: see / for the mirrors there are")
         return NOT_DONE_YET
+
+
+class _ToMirrorRoot(Resource):
+    isLeaf = True
+
+    def render(self, request: Request):
+        request.setResponseCode(http.MOVED_PERMANENTLY)
+        request.setHeader(b"location", request.path + b"/")
+        request.setHeader(b"content-length", b"0")
+        return b""

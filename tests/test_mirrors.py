@@ -201,3 +201,10 @@ def test_the_embedding_api_names_the_mirror_classes(tmp_path):
     assert (mirror.name, mirror.kind, [str(s) for s in mirror.sources]) == (
         "g", "gentoo", ["http://b/"]
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mirror_name_without_its_slash_is_redirected(site, http):
+    response, _ = await fetch(http, site.url + "/debian")
+    assert response.code == 301
+    assert response.headers.getRawHeaders(b"location") == [b"/debian/"]
