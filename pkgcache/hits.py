@@ -39,6 +39,52 @@ class _FileBytes:
         pass
 
 
+@implementer(IByteSource)
+class _DocumentBytes:
+    """A document made in memory (a rewritten page) as a byte source."""
+
+    complete = True
+    failure = None
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.received = len(body)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._body[offset : offset + length]
+
+    def attach(self, follower: IFollower) -> None:
+        pass
+
+    def detach(self, follower: IFollower) -> None:
+        pass
+
+    def follower_advanced(self) -> None:
+        pass
+
+
+def serve_document(
+    request: Request,
+    body: bytes,
+    last_modified: float,
+    content_type: bytes,
+    *,
+    clock: IReactorTime,
+    stall_timeout: float,
+) -> None:
+    """
+    Answer ``request`` with ``body``, a document made for it (with no ETag:
+    it is not the source's entity).
+    """
+    entity = Entity(len(body), last_modified, content_type)
+    producer = send_entity(
+        request, entity, _DocumentBytes(body),
+        clock=clock, stall_timeout=stall_timeout, label=request.path.decode("utf-8", "replace"),
+    )
+    if producer is not None:
+        producer.start()
+
+
 def serve_hit(
     request: Request, cached: CachedFile, *, clock: IReactorTime, stall_timeout: float
 ) -> None:

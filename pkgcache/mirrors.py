@@ -23,18 +23,14 @@ else:  # pragma: no cover - Python 3.9 and 3.10
 
 #: Kinds whose documents link to files on other hosts, which need link
 #: rewriting that is not built yet.
-UNSUPPORTED_KINDS = {
-    "pypi": "rewriting its file links is not built yet (an index that links "
-            "to its own host works as kind = \"generic\")",
-    "npm": "rewriting its tarball links is not built yet",
-}
+UNSUPPORTED_KINDS = {"npm": "rewriting its tarball links is not built yet"}
 KINDS = ("generic", "debian", "ubuntu", "gentoo", "rpm", "pypi", "npm")
 assert set(KINDS) == set(VOLATILE_BY_KIND) | set(UNSUPPORTED_KINDS)
 
 #: A name that is one plain path segment: never ``.``, ``..``, a hidden or
 #: reserved name (those start with a dot), or anything a URL must escape.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-_MIRROR_KEYS = {"kind", "sources", "volatile", "volatile-max-age"}
+_MIRROR_KEYS = {"kind", "sources", "files", "volatile", "volatile-max-age"}
 
 
 class ConfigError(ValueError):
@@ -49,6 +45,8 @@ class Mirror:
     :ivar kind: a key of :data:`~pkgcache.freshness.VOLATILE_BY_KIND`.
     :ivar volatile: more patterns of volatile files.
     :ivar volatile_max_age: its own freshness, if not the global one.
+    :ivar files: for ``pypi``: where the files its pages link to live
+        (failover, in order); served under ``/NAME/files/``.
     """
 
     name: str
@@ -56,6 +54,7 @@ class Mirror:
     kind: str = "generic"
     volatile: tuple[str, ...] = ()
     volatile_max_age: Optional[float] = None
+    files: tuple[Source, ...] = ()
 
 
 @dataclass
@@ -107,13 +106,16 @@ def _mirror(path: str, name: str, table: Any) -> Mirror:
         raise ConfigError(f"{where}: unknown kind {kind!r} (one of {', '.join(KINDS)})")
     if kind in UNSUPPORTED_KINDS:
         raise ConfigError(f"{where}: kind {kind!r} is not supported yet: {UNSUPPORTED_KINDS[kind]}")
-    sources = table.get("sources")
-    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
-        raise ConfigError(f"{where}: 'sources' must be a list of at least one URL")
-    try:
-        parsed = tuple(Source(source) for source in sources)
-    except ValueError as error:
-        raise ConfigError(f"{where}: {error}") from None
+    parsed = _urls(where, "sources", table.get("sources"))
+    files: tuple[Source, ...] = ()
+    if kind == "pypi":
+        if "files" not in table:
+            raise ConfigError(
+                f"{where}: kind 'pypi' needs 'files': the URLs of the host its pages link to"
+            )
+        files = _urls(where, "files", table["files"])
+    elif "files" in table:
+        raise ConfigError(f"{where}: 'files' is for kind 'pypi' only")
     volatile = table.get("volatile", [])
     if not isinstance(volatile, list) or not all(isinstance(v, str) for v in volatile):
         raise ConfigError(f"{where}: 'volatile' must be a list of regular expressions")
@@ -128,5 +130,14 @@ def _mirror(path: str, name: str, table: Any) -> Mirror:
     ):
         raise ConfigError(f"{where}: 'volatile-max-age' must be a number of seconds, 0 or more")
     return Mirror(
-        name, parsed, kind, tuple(volatile), None if max_age is None else float(max_age)
+        name, parsed, kind, tuple(volatile), None if max_age is None else float(max_age), files
     )
+
+
+def _urls(where: str, key: str, value: Any) -> tuple[Source, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key!r} must be a list of at least one URL")
+    try:
+        return tuple(Source(url) for url in value)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None

@@ -22,7 +22,8 @@ from pkgcache.download import Download, Downloads
 from pkgcache.freshness import (
     DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR, Freshness,
 )
-from pkgcache.hits import serve_hit
+from pkgcache.hits import serve_document, serve_hit
+from pkgcache.kinds.pypi import MAX_PAGE_BYTES, SimpleIndexRewriter
 from pkgcache.kinds.debian import ReleaseTracker, is_release_file
 from pkgcache.metadata import DEFAULT_CONTENT_TYPE
 from pkgcache.metrics import Metrics
@@ -126,6 +127,8 @@ class PackageCacheResource(Resource):
     :param kind: the kind of repository, which chooses the built-in
         volatile rules (see :data:`~pkgcache.freshness.VOLATILE_BY_KIND`).
     :param name: the mirror's name, for its metrics' ``mirror`` label.
+    :param rewriter: rewrites the documents it applies to as they are
+        served (a PyPI mirror's pages; the cache keeps them as sent).
     """
 
     isLeaf = True
@@ -152,6 +155,7 @@ class PackageCacheResource(Resource):
         clock=None,
         kind: str = "generic",
         name: str = "",
+        rewriter: Optional[SimpleIndexRewriter] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -160,6 +164,7 @@ class PackageCacheResource(Resource):
             raise ValueError("a cache directory is needed")
         self._reactor = reactor
         self.name = name
+        self._rewriter = rewriter
         self._access_log = access_log
         self._client_stall_timeout = client_stall_timeout
         if upstream is None:
@@ -240,7 +245,9 @@ class PackageCacheResource(Resource):
         if cached is not None and not volatile:
             record.outcome = Outcome.HIT
             request.setHeader(b"cache-status", _IMMUTABLE_HIT)
-            return self._serve_copy(request, cached)
+            return serve_hit(
+                request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout
+            )
         if cached is not None:
             return self._answer_volatile(request, key, record, cached)
         if key in self.freshness.negative:
@@ -268,11 +275,11 @@ class PackageCacheResource(Resource):
         if fresh_for_client:
             record.outcome = Outcome.HIT
             _cache_status(request, "hit", f"ttl={self.freshness.ttl(metadata)}")
-            return self._serve_copy(request, cached)
+            return self._serve_copy(request, key, cached)
         if consistent and key in self.freshness.unreachable and (
             self.freshness.may_serve_stale(metadata)
         ):
-            return self._serve_stale(request, cached, record)
+            return self._serve_stale(request, key, cached, record)
         # A copy its suite's index says is wrong is fetched afresh: its
         # source, if it lags, would confirm it with a 304.
         self._miss(request, key, record, True, _Revalidation(cached, fresh, consistent))
@@ -291,8 +298,24 @@ class PackageCacheResource(Resource):
             answering = self._get_miss(request, key, record, volatile, revalidation)
         Deferred.fromCoroutine(answering).addErrback(self._unexpected, request, record)
 
-    def _serve_copy(self, request: Request, cached: CachedFile) -> None:
-        serve_hit(request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout)
+    def _serve_copy(self, request: Request, key: CacheKey, cached: CachedFile) -> None:
+        """Serve a cached copy: as it is, or rewritten (see ``rewriter``)."""
+        if self._rewriter is None or not self._rewriter.applies(key):
+            return serve_hit(
+                request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout
+            )
+        try:
+            if cached.size > MAX_PAGE_BYTES:
+                return send_error(request, http.BAD_GATEWAY, "the page is too large to rewrite")
+            page = cached.read(0, cached.size)
+            content_type = cached.metadata.content_type
+            body = self._rewriter.rewrite(key, page, content_type)
+        finally:
+            cached.close()
+        serve_document(
+            request, body, cached.mtime, content_type or DEFAULT_CONTENT_TYPE,
+            clock=self._reactor, stall_timeout=self._client_stall_timeout,
+        )
 
     async def _get_miss(
         self,
@@ -328,7 +351,7 @@ class PackageCacheResource(Resource):
             if stale is not None and not failed.not_found:
                 copy = self.store.open_file(key)
                 if copy is not None and self.freshness.may_serve_stale(copy.metadata):
-                    return self._serve_stale(request, copy, record)
+                    return self._serve_stale(request, key, copy, record)
                 if copy is not None:
                     copy.close()
             record.outcome = Outcome.ERROR
@@ -346,7 +369,9 @@ class PackageCacheResource(Resource):
             return self._answer_from_store(request, key)
         if stale is not None and not joined:
             self.metrics.revalidated(self.name, "modified")
-        if is_release_file(str(key)):
+        if is_release_file(str(key)) or (
+            self._rewriter is not None and self._rewriter.applies(key)
+        ):
             # Checked before anyone sees it: an older one than we have is
             # refused, and its listed indexes checked (kinds.debian).
             await download.finished
@@ -391,16 +416,18 @@ class PackageCacheResource(Resource):
             cached = None
         if cached is None:
             return send_error(request, http.BAD_GATEWAY, "the file could not be stored")
-        self._serve_copy(request, cached)
+        self._serve_copy(request, key, cached)
 
-    def _serve_stale(self, request: Request, cached: CachedFile, record: _RequestRecord) -> None:
+    def _serve_stale(
+        self, request: Request, key: CacheKey, cached: CachedFile, record: _RequestRecord
+    ) -> None:
         """Serve a stale copy that no source could revalidate (--stale-if-error)."""
         log.warn("serving a stale copy of {path}: no source could revalidate it",
                  path=request.path.decode("utf-8", "replace"))
         record.outcome = Outcome.STALE
         self.metrics.stale_answer(self.name)
         _cache_status(request, "hit", "detail=stale-if-error")
-        self._serve_copy(request, cached)
+        self._serve_copy(request, key, cached)
 
     def _sources_failed(
         self, key: CacheKey, failed: AllSourcesFailed, *, revalidation: bool, counted: bool

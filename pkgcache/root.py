@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgcache.accesslog import AccessLog
+from pkgcache.kinds.pypi import FILES_PREFIX, SimpleIndexRewriter
 from pkgcache.metrics import Metrics
 from pkgcache.mirrors import Mirror
 from pkgcache.resource import PackageCacheResource
@@ -28,6 +29,7 @@ _CLIENT_LINES = {
     "ubuntu": "in sources.list: deb {url} SUITE main",
     "gentoo": 'in make.conf: GENTOO_MIRRORS="{url}"',
     "rpm": "in a .repo file: baseurl={url}...",
+    "pypi": "pip install --index-url {url}simple/ ...",
     "generic": "files at {url}PATH",
 }
 
@@ -63,23 +65,33 @@ class MirrorsResource(Resource):
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
         self.mirrors: dict[str, PackageCacheResource] = {}
+        #: A pypi mirror's files, fetched from its ``files`` sources.
+        self.files: dict[str, PackageCacheResource] = {}
+        shared = dict(options, reactor=reactor, metrics=self.metrics, access_log=access_log)
         for mirror in mirrors:
-            own = dict(options)
+            own = dict(shared)
             if mirror.volatile_max_age is not None:
                 own["volatile_max_age"] = mirror.volatile_max_age
+            rewriter = SimpleIndexRewriter(mirror.files) if mirror.kind == "pypi" else None
             self.mirrors[mirror.name] = PackageCacheResource(
                 mirror.sources,
-                reactor=reactor,
-                metrics=self.metrics,
-                access_log=access_log,
                 store=StoreArea(store, mirror.name),
                 kind=mirror.kind,
                 name=mirror.name,
                 volatile=tuple(volatile) + mirror.volatile,
+                rewriter=rewriter,
                 **own,
             )
+            if mirror.files:
+                self.files[mirror.name] = PackageCacheResource(
+                    mirror.files,
+                    store=StoreArea(store, mirror.name, FILES_PREFIX),
+                    name=mirror.name,
+                    volatile=tuple(volatile),
+                    **own,
+                )
         self._kinds = {mirror.name: mirror.kind for mirror in mirrors}
-        resources = list(self.mirrors.values())
+        resources = list(self.mirrors.values()) + list(self.files.values())
         self.metrics.count_downloads(
             lambda: sum(len(resource.downloads) for resource in resources),
             lambda: sum(resource.downloads.waiting for resource in resources),
@@ -87,7 +99,8 @@ class MirrorsResource(Resource):
 
     def close(self) -> "Deferred[None]":
         """Close every mirror (their downloads, then the shared store)."""
-        closing = DeferredList([mirror.close() for mirror in self.mirrors.values()])
+        resources = list(self.mirrors.values()) + list(self.files.values())
+        closing = DeferredList([resource.close() for resource in resources])
         return closing.addCallback(lambda _: None)
 
     def getChild(self, name: bytes, request: Request) -> Resource:
@@ -98,6 +111,10 @@ class MirrorsResource(Resource):
             return _UnknownMirror()
         if not request.postpath:
             return _ToMirrorRoot()  # /NAME: its tree is /NAME/
+        files = self.files.get(name.decode("utf-8", "replace"))
+        if files is not None and request.postpath[0] == FILES_PREFIX.encode("ascii"):
+            request.prepath.append(request.postpath.pop(0))
+            return files
         return mirror
 
     def render_GET(self, request: Request) -> bytes:

@@ -303,19 +303,21 @@ def _current_umask() -> int:
 
 class StoreArea:
     """
-    One mirror's tree in a shared store: ``CACHE_DIR/NAME/``.  Keys are
-    the mirror's own (``/dists/x``); the store sees them under ``NAME``.
+    One mirror's tree in a shared store: ``CACHE_DIR/NAME/`` (or deeper:
+    ``CACHE_DIR/NAME/files/``).  Keys are the mirror's own (``/dists/x``);
+    the store sees them under ``NAME``.
     Opening, closing, the disk threads and the spool directory are the
     store's, shared by every area.
     """
 
-    def __init__(self, store: CacheStore, name: str) -> None:
-        assert name and not name.startswith(".") and "/" not in name
+    def __init__(self, store: CacheStore, *names: str) -> None:
+        assert names and all(name and not name.startswith(".") and "/" not in name
+                             for name in names)
         self.store = store
-        self.name = name
+        self.names = names
 
     def _key(self, key: CacheKey) -> CacheKey:
-        return CacheKey((self.name,) + key.segments, key.directory)
+        return CacheKey(self.names + key.segments, key.directory)
 
     @property
     def running(self) -> bool:
@@ -323,7 +325,7 @@ class StoreArea:
 
     @property
     def cache_dir(self) -> FilePath:
-        return self.store.cache_dir.child(self.name)
+        return self.store.cache_dir.preauthChild("/".join(self.names))
 
     def path_for(self, key: CacheKey) -> FilePath:
         return self.store.path_for(self._key(key))

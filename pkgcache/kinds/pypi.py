@@ -1,0 +1,82 @@
+"""
+PyPI's simple index (PEP 503 HTML, PEP 691 JSON): its project pages link
+to the files on another host, so that a client would fetch them around the
+cache.  :class:`SimpleIndexRewriter` rewrites every link into the files
+host as a relative link under the mirror's ``files/`` tree, which pkgcache
+then fetches from the mirror's ``files`` sources and caches.
+
+The cache keeps each page as the index sent it; links are rewritten as a
+page is served, so that a change of the rule never needs a refetch.  Hash
+fragments (``#sha256=...``) and every attribute (``data-requires-python``,
+``data-yanked``, ``data-dist-info-metadata``, ``data-core-metadata``) are
+kept as they are.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Optional, Sequence
+
+from pkgcache.paths import CacheKey
+from pkgcache.sources import Source
+
+#: The largest page rewritten (the biggest projects' pages are a few MiB).
+MAX_PAGE_BYTES = 64 * 1024 * 1024
+#: Where, within the mirror's tree, the files are served.
+FILES_PREFIX = "files"
+
+_HREF = re.compile(rb"""(\bhref\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
+_JSON_TYPES = (b"application/vnd.pypi.simple.v1+json", b"application/json")
+
+
+class SimpleIndexRewriter:
+    """
+    :param files: the files host's base URLs (a link below any of them is
+        rewritten; the path below it is kept).
+    """
+
+    def __init__(self, files: Sequence[Source]) -> None:
+        self._bases = tuple(
+            source.text if source.text.endswith("/") else source.text + "/" for source in files
+        )
+
+    def applies(self, key: CacheKey) -> bool:
+        """Whether ``key`` is a page of the simple index."""
+        return bool(key.segments) and key.segments[0] == "simple"
+
+    def rewrite(self, key: CacheKey, page: bytes, content_type: Optional[bytes]) -> bytes:
+        """``page`` with its file links pointing into the cache."""
+        up = "../" * (len(key.segments) if key.directory else len(key.segments) - 1)
+        if content_type is not None and content_type.split(b";")[0].strip() in _JSON_TYPES:
+            return self._rewrite_json(page, up)
+
+        def relinked(match: "re.Match[bytes]") -> bytes:
+            url = html.unescape(match.group(3).decode("utf-8", "surrogateescape"))
+            local = self._local(url, up)
+            if local is None:
+                return match.group(0)
+            value = html.escape(local, quote=True).encode("utf-8", "surrogateescape")
+            return match.group(1) + match.group(2) + value + match.group(2)
+
+        return _HREF.sub(relinked, page)
+
+    def _rewrite_json(self, page: bytes, up: str) -> bytes:
+        try:
+            document = json.loads(page)
+        except ValueError:
+            return page
+        files = document.get("files") if isinstance(document, dict) else None
+        for entry in files if isinstance(files, list) else ():
+            url = entry.get("url") if isinstance(entry, dict) else None
+            local = self._local(url, up) if isinstance(url, str) else None
+            if local is not None:
+                entry["url"] = local
+        return json.dumps(document).encode("utf-8")
+
+    def _local(self, url: str, up: str) -> Optional[str]:
+        for base in self._bases:
+            if url.startswith(base):
+                return up + FILES_PREFIX + "/" + url[len(base):]
+        return None
