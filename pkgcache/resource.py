@@ -237,6 +237,12 @@ class PackageCacheResource(Resource):
             key = cache_key_from_postpath(request.postpath)
         except UnsafePath as unsafe:
             return send_error(request, unsafe.status, unsafe.reason)
+        canonical = self._rewriter.canonical(key) if self._rewriter is not None else None
+        if canonical is not None:
+            # One cached page per project, as the index itself redirects.
+            request.setResponseCode(http.MOVED_PERMANENTLY)
+            request.setHeader(b"location", b"../" + canonical.segments[-1].encode() + b"/")
+            return send_error(request, http.MOVED_PERMANENTLY, "see the normalised name")
         try:
             cached = self.store.open_file(key)
         except IsADirectoryError:

@@ -77,38 +77,67 @@ def test_only_simple_pages_are_rewritten():
     assert not rewriter.applies(key("/packages/x.whl"))
 
 
+@pytest_twisted.async_yield_fixture
+async def serve(tmp_path):
+    """``serve(index_url, files_url)``: a pypi mirror named pypi; its URL."""
+    running = []
+
+    def start(index_url: str, files_url: str) -> str:
+        root = MirrorsResource(
+            [Mirror("pypi", (Source(index_url),), "pypi", files=(Source(files_url),))],
+            cache_dir=FilePath(str(tmp_path / "cache")),
+        )
+        service = CacheService(root)
+        service.startService()
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        running.append((port, service))
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    yield start
+    for port, service in running:
+        await port.stopListening()
+        await service.stopService()
+
+
 @pytest_twisted.ensureDeferred
-async def test_files_linked_from_a_page_come_through_the_cache(origins, http, tmp_path):
+async def test_files_linked_from_a_page_come_through_the_cache(origins, http, tmp_path, serve):
     index, files = origins(), origins()
     wheel = b"PK wheel bytes"
     page = PAGE.replace(b"https://files.example/", files.url.encode())
     index.add("/simple/foo/", page, content_type=b"text/html")
     files.add("/packages/ab/cd/foo-1.0-py3-none-any.whl", wheel)
-    root = MirrorsResource(
-        [Mirror("pypi", (Source(index.url),), "pypi", files=(Source(files.url),))],
-        cache_dir=FilePath(str(tmp_path / "cache")),
-    )
-    service = CacheService(root)
-    service.startService()
-    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-    try:
-        url = f"http://127.0.0.1:{port.getHost().port}"
-        response, served = await fetch(http, url + "/pypi/simple/foo/")
-        assert files.url.encode() not in served
-        link = urljoin(url + "/pypi/simple/foo/",
-                       "../../files/packages/ab/cd/foo-1.0-py3-none-any.whl")
-        assert b"../../files/packages/ab/cd/foo-1.0-py3-none-any.whl#sha256=00ff" in served
-        for _ in range(2):
-            _, body = await fetch(http, link)
-            assert body == wheel
-            await wait_for(lambda: (tmp_path / "cache/pypi/files/packages/ab/cd/"
-                                    "foo-1.0-py3-none-any.whl").exists())
-        assert files.count("/packages/ab/cd/foo-1.0-py3-none-any.whl") == 1
-        # The page is kept as the index sent it.
-        assert (tmp_path / "cache/pypi/simple/foo/.pkgcache-index").read_bytes() == page
-        again, hit = await fetch(http, url + "/pypi/simple/foo/")
-        assert hit == served
-        assert again.headers.getRawHeaders(b"cache-status")[0].startswith(b"pkgcache; hit")
-    finally:
-        await port.stopListening()
-        await service.stopService()
+    url = serve(index.url, files.url)
+    response, served = await fetch(http, url + "/pypi/simple/foo/")
+    assert files.url.encode() not in served
+    link = urljoin(url + "/pypi/simple/foo/",
+                   "../../files/packages/ab/cd/foo-1.0-py3-none-any.whl")
+    assert b"../../files/packages/ab/cd/foo-1.0-py3-none-any.whl#sha256=00ff" in served
+    for _ in range(2):
+        _, body = await fetch(http, link)
+        assert body == wheel
+        await wait_for(lambda: (tmp_path / "cache/pypi/files/packages/ab/cd/"
+                                "foo-1.0-py3-none-any.whl").exists())
+    assert files.count("/packages/ab/cd/foo-1.0-py3-none-any.whl") == 1
+    # The page is kept as the index sent it.
+    assert (tmp_path / "cache/pypi/simple/foo/.pkgcache-index").read_bytes() == page
+    again, hit = await fetch(http, url + "/pypi/simple/foo/")
+    assert hit == served
+    assert again.headers.getRawHeaders(b"cache-status")[0].startswith(b"pkgcache; hit")
+
+
+def test_project_names_are_normalised_as_pep_503_says():
+    rewriter = SimpleIndexRewriter([Source(FILES)])
+    assert rewriter.canonical(key("/simple/Foo_Bar.baz/")) == key("/simple/foo-bar-baz/")
+    assert rewriter.canonical(key("/simple/foo-bar/")) is None
+    assert rewriter.canonical(key("/simple/")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_project_page_under_another_spelling_redirects(origins, http, serve):
+    index = origins()
+    url = serve(index.url, FILES)
+    response, _ = await fetch(http, url + "/pypi/simple/Foo_Bar/")
+    assert response.code == 301
+    location = response.headers.getRawHeaders(b"location")[0].decode()
+    assert urljoin(url + "/pypi/simple/Foo_Bar/", location) == url + "/pypi/simple/foo-bar/"
+    assert index.origin.requests == []

@@ -27,6 +27,7 @@ MAX_PAGE_BYTES = 64 * 1024 * 1024
 #: Where, within the mirror's tree, the files are served.
 FILES_PREFIX = "files"
 
+_SEPARATORS = re.compile(r"[-_.]+")
 _HREF = re.compile(rb"""(\bhref\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
 _JSON_TYPES = (b"application/vnd.pypi.simple.v1+json", b"application/json")
 
@@ -45,6 +46,19 @@ class SimpleIndexRewriter:
     def applies(self, key: CacheKey) -> bool:
         """Whether ``key`` is a page of the simple index."""
         return bool(key.segments) and key.segments[0] == "simple"
+
+    def canonical(self, key: CacheKey) -> Optional[CacheKey]:
+        """
+        The key of a project page under its PEP 503 normalised name
+        (``/simple/Foo_Bar/`` -> ``/simple/foo-bar/``), if ``key`` is a
+        project page under another spelling; else ``None``.
+        """
+        if len(key.segments) != 2 or not key.directory or key.segments[0] != "simple":
+            return None
+        normalised = _SEPARATORS.sub("-", key.segments[1]).lower()
+        if normalised == key.segments[1]:
+            return None
+        return CacheKey(("simple", normalised), directory=True)
 
     def rewrite(self, key: CacheKey, page: bytes, content_type: Optional[bytes]) -> bytes:
         """``page`` with its file links pointing into the cache."""
