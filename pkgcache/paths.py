@@ -22,9 +22,11 @@ MAX_PATH_BYTES = 2048
 #: Names the store keeps for itself at the top of the cache directory.
 RESERVED_TOP_LEVEL_NAMES = frozenset({".pkgcache-spool"})
 #: The name a directory URL's document (``/simple/pkg/``) is stored under,
-#: inside that directory: refused in requests, so that no file of a mirror
-#: tree can be stored there too.
+#: inside that directory (``.pkgcache-index.json`` for its JSON
+#: representation): names that start with ``.pkgcache-`` are refused in
+#: requests, so that no file of a mirror tree can be stored there too.
 DIRECTORY_DOCUMENT = ".pkgcache-index"
+_RESERVED_PREFIX = ".pkgcache-"
 
 _FORBIDDEN_CHARACTERS = ("/", "\\", "\0")
 
@@ -53,10 +55,13 @@ class CacheKey:
 
     :ivar directory: the path ended with a slash (``/simple/pkg/``): it
         names the document a source serves for that directory.
+    :ivar representation: for a document served in more than one format
+        by ``Accept`` (PyPI's ``json``), which one; each is cached apart.
     """
 
     segments: tuple[str, ...]
     directory: bool = False
+    representation: str = ""
 
     def __str__(self) -> str:
         return "/" + "/".join(self.segments) + ("/" if self.directory else "")
@@ -78,7 +83,9 @@ def cache_key_from_postpath(postpath: Sequence[bytes]) -> CacheKey:
         # A directory URL: its source's document, never a listing of ours.
         postpath = parents
     segments = tuple(_checked_segment(raw) for raw in postpath)
-    if segments[0] in RESERVED_TOP_LEVEL_NAMES or DIRECTORY_DOCUMENT in segments:
+    if segments[0] in RESERVED_TOP_LEVEL_NAMES or any(
+        segment.startswith(_RESERVED_PREFIX) for segment in segments
+    ):
         raise UnsafePath("reserved name", status=404)
     return CacheKey(segments, directory)
 

@@ -23,7 +23,7 @@ from pkgcache.freshness import (
     DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR, Freshness,
 )
 from pkgcache.hits import serve_document, serve_hit
-from pkgcache.kinds.pypi import MAX_PAGE_BYTES, SimpleIndexRewriter
+from pkgcache.kinds.pypi import ACCEPT_BY_REPRESENTATION, MAX_PAGE_BYTES, SimpleIndexRewriter
 from pkgcache.kinds.debian import ReleaseTracker, is_release_file
 from pkgcache.metadata import DEFAULT_CONTENT_TYPE
 from pkgcache.metrics import Metrics
@@ -175,6 +175,7 @@ class PackageCacheResource(Resource):
                 idle_timeout=idle_timeout,
                 max_body_size=max_file_size,
                 metrics=metrics,
+                accept_by_representation=ACCEPT_BY_REPRESENTATION if rewriter else None,
             )
         self.upstream = upstream
         self.metrics = metrics if metrics is not None else upstream.metrics
@@ -237,12 +238,14 @@ class PackageCacheResource(Resource):
             key = cache_key_from_postpath(request.postpath)
         except UnsafePath as unsafe:
             return send_error(request, unsafe.status, unsafe.reason)
-        canonical = self._rewriter.canonical(key) if self._rewriter is not None else None
-        if canonical is not None:
-            # One cached page per project, as the index itself redirects.
-            request.setResponseCode(http.MOVED_PERMANENTLY)
-            request.setHeader(b"location", b"../" + canonical.segments[-1].encode() + b"/")
-            return send_error(request, http.MOVED_PERMANENTLY, "see the normalised name")
+        if self._rewriter is not None and self._rewriter.applies(key):
+            canonical = self._rewriter.canonical(key)
+            if canonical is not None:
+                # One cached page per project, as the index itself redirects.
+                request.setHeader(b"location", b"../" + canonical.segments[-1].encode() + b"/")
+                return send_error(request, http.MOVED_PERMANENTLY, "see the normalised name")
+            request.setHeader(b"vary", b"Accept")
+            key = self._rewriter.representation(key, request.getHeader(b"accept"))
         try:
             cached = self.store.open_file(key)
         except IsADirectoryError:

@@ -192,7 +192,10 @@ class CacheStore:
         path = self.cache_dir
         for segment in key.segments:
             path = path.child(segment)
-        return path.child(DIRECTORY_DOCUMENT) if key.directory else path
+        if key.directory:
+            suffix = "." + key.representation if key.representation else ""
+            return path.child(DIRECTORY_DOCUMENT + suffix)
+        return path
 
     def open_file(self, key: CacheKey) -> Optional[CachedFile]:
         """
@@ -317,7 +320,7 @@ class StoreArea:
         self.names = names
 
     def _key(self, key: CacheKey) -> CacheKey:
-        return CacheKey(self.names + key.segments, key.directory)
+        return CacheKey(self.names + key.segments, key.directory, key.representation)
 
     @property
     def running(self) -> bool:

@@ -18,7 +18,7 @@ an in-memory one there.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from treq.client import HTTPClient
 from twisted.internet import error as netError
@@ -282,6 +282,8 @@ class UpstreamClient:
     :param idle_timeout: seconds a source may stay silent, before its
         headers or between two chunks of its body.
     :param max_body_size: refuse bodies larger than this many bytes.
+    :param accept_by_representation: the ``Accept`` to send for a key of
+        each representation (see :class:`~pkgcache.paths.CacheKey`).
     """
 
     def __init__(
@@ -296,6 +298,7 @@ class UpstreamClient:
         max_body_size: Optional[int] = None,
         health: Optional[SourceHealth] = None,
         metrics: Optional[Metrics] = None,
+        accept_by_representation: Optional[Mapping[str, bytes]] = None,
     ) -> None:
         if not sources:
             raise ValueError("at least one source is needed")
@@ -305,6 +308,7 @@ class UpstreamClient:
         self.max_body_size = max_body_size
         self.health = health if health is not None else SourceHealth(self.clock)
         self.metrics = metrics if metrics is not None else Metrics()
+        self._accept = dict(accept_by_representation or {})
         self._pool: Optional[HTTPConnectionPool] = None
         if agent is None:
             agent, self._pool = network_agent(reactor, connect_timeout)
@@ -412,6 +416,8 @@ class UpstreamClient:
         validators: Optional[EntryMetadata] = None,
     ) -> UpstreamResponse:
         headers = {b"User-Agent": [USER_AGENT]}
+        if key.representation:
+            headers[b"Accept"] = [self._accept[key.representation]]
         if offset:
             headers[b"Range"] = [b"bytes=%d-" % (offset,)]
         if validators is not None and validators.etag is not None:

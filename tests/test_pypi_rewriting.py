@@ -11,6 +11,7 @@ from urllib.parse import urljoin
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.python.filepath import FilePath
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from pkgcache.kinds.pypi import SimpleIndexRewriter
@@ -141,3 +142,70 @@ async def test_a_project_page_under_another_spelling_redirects(origins, http, se
     location = response.headers.getRawHeaders(b"location")[0].decode()
     assert urljoin(url + "/pypi/simple/Foo_Bar/", location) == url + "/pypi/simple/foo-bar/"
     assert index.origin.requests == []
+
+
+PIP_ACCEPT = (
+    "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html; q=0.1, "
+    "text/html; q=0.01"
+)
+
+
+def test_the_representation_follows_the_client_accept():
+    rewriter = SimpleIndexRewriter([Source(FILES)])
+    page = key("/simple/foo/")
+    assert rewriter.representation(page, PIP_ACCEPT.encode()).representation == "json"
+    assert rewriter.representation(page, b"*/*").representation == ""
+    assert rewriter.representation(page, b"text/html").representation == ""
+    assert rewriter.representation(page, None).representation == ""
+    assert rewriter.representation(
+        page, b"application/vnd.pypi.simple.v1+json;q=0.2, text/html"
+    ).representation == ""
+
+
+class NegotiatingIndex(Resource):
+    """An index that answers a project page in HTML or JSON by Accept."""
+
+    isLeaf = True
+
+    def __init__(self, files_url: str) -> None:
+        super().__init__()
+        self.files_url = files_url
+        self.accepts: list[bytes] = []
+
+    def render_GET(self, request):
+        accept = request.getHeader(b"accept") or b""
+        self.accepts.append(accept)
+        url = self.files_url + "packages/ab/foo-1.0.whl"
+        if b"vnd.pypi.simple.v1+json" in accept:
+            request.setHeader(b"content-type", b"application/vnd.pypi.simple.v1+json")
+            return json.dumps(
+                {"meta": {"api-version": "1.0"}, "name": "foo",
+                 "files": [{"filename": "foo-1.0.whl", "url": url, "hashes": {}}]}
+            ).encode()
+        request.setHeader(b"content-type", b"text/html")
+        return f'<a href="{url}">foo-1.0.whl</a>'.encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_and_html_pages_are_fetched_and_cached_apart(http, serve, tmp_path):
+    index = NegotiatingIndex(FILES)
+    port = reactor.listenTCP(0, Site(index), interface="127.0.0.1")
+    try:
+        url = serve(f"http://127.0.0.1:{port.getHost().port}/", FILES)
+        page = url + "/pypi/simple/foo/"
+        as_json, body = await fetch(http, page, headers={"accept": [PIP_ACCEPT]})
+        assert json.loads(body)["files"][0]["url"] == "../../files/packages/ab/foo-1.0.whl"
+        assert as_json.headers.getRawHeaders(b"vary") == [b"Accept"]
+        as_html, body = await fetch(http, page)
+        assert body == b'<a href="../../files/packages/ab/foo-1.0.whl">foo-1.0.whl</a>'
+        assert as_html.headers.getRawHeaders(b"content-type") == [b"text/html"]
+        await wait_for(lambda: (tmp_path / "cache/pypi/simple/foo/.pkgcache-index").exists())
+        await wait_for(lambda: (tmp_path / "cache/pypi/simple/foo/.pkgcache-index.json").exists())
+        hit, body = await fetch(http, page, headers={"accept": [PIP_ACCEPT]})
+        assert hit.headers.getRawHeaders(b"content-type") == [
+            b"application/vnd.pypi.simple.v1+json"
+        ]
+        assert len(index.accepts) == 2
+        assert index.accepts[0] == b"application/vnd.pypi.simple.v1+json"
+    finally:
+        await port.stopListening()

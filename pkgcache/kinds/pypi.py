@@ -29,7 +29,11 @@ FILES_PREFIX = "files"
 
 _SEPARATORS = re.compile(r"[-_.]+")
 _HREF = re.compile(rb"""(\bhref\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
-_JSON_TYPES = (b"application/vnd.pypi.simple.v1+json", b"application/json")
+PEP691_JSON = b"application/vnd.pypi.simple.v1+json"
+_JSON_TYPES = (PEP691_JSON, b"application/json")
+_HTML_TYPES = (b"application/vnd.pypi.simple.v1+html", b"text/html", b"application/vnd.pypi.simple.latest+html")
+#: What to ask the index for, by the representation a key names.
+ACCEPT_BY_REPRESENTATION = {"json": PEP691_JSON}
 
 
 class SimpleIndexRewriter:
@@ -46,6 +50,34 @@ class SimpleIndexRewriter:
     def applies(self, key: CacheKey) -> bool:
         """Whether ``key`` is a page of the simple index."""
         return bool(key.segments) and key.segments[0] == "simple"
+
+    def representation(self, key: CacheKey, accept: Optional[bytes]) -> CacheKey:
+        """
+        ``key`` for the representation the client's ``Accept`` prefers: a
+        page is fetched and cached as PEP 691 JSON for a client that
+        prefers it (pip does), as HTML otherwise.
+        """
+        if not (self.applies(key) and key.directory) or accept is None:
+            return key
+        json_q, html_q = 0.0, 0.0
+        for item in accept.split(b","):
+            media_type, *parameters = (part.strip() for part in item.split(b";"))
+            q = 1.0
+            for parameter in parameters:
+                name, _, value = parameter.partition(b"=")
+                if name.strip().lower() == b"q":
+                    try:
+                        q = float(value)
+                    except ValueError:
+                        q = 0.0
+            media_type = media_type.lower()
+            if media_type in (PEP691_JSON, b"application/vnd.pypi.simple.latest+json"):
+                json_q = max(json_q, q)
+            elif media_type in _HTML_TYPES or media_type in (b"*/*", b"text/*"):
+                html_q = max(html_q, q)
+        if json_q > 0 and json_q >= html_q:
+            return CacheKey(key.segments, key.directory, "json")
+        return key
 
     def canonical(self, key: CacheKey) -> Optional[CacheKey]:
         """
