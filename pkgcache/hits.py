@@ -16,51 +16,40 @@ from pkgcache.store import CachedFile
 
 
 @implementer(IByteSource)
-class _FileBytes:
-    """A cached file as a byte source: all there, and closed once read."""
+class _CompleteBytes:
+    """Bytes that are all there, read by ``read(offset, length)``."""
 
     complete = True
     failure = None
 
-    def __init__(self, cached: CachedFile) -> None:
-        self._cached = cached
-        self.received = cached.size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._cached.read(offset, length)
+    def __init__(self, size: int, read) -> None:
+        self.received = size
+        self.read = read
 
     def attach(self, follower: IFollower) -> None:
         pass
+
+    def detach(self, follower: IFollower) -> None:
+        pass
+
+    def follower_advanced(self) -> None:
+        pass
+
+
+class _FileBytes(_CompleteBytes):
+    """A cached file as a byte source, closed once read."""
+
+    def __init__(self, cached: CachedFile) -> None:
+        super().__init__(cached.size, cached.read)
+        self._cached = cached
 
     def detach(self, follower: IFollower) -> None:
         self._cached.close()
 
-    def follower_advanced(self) -> None:
-        pass
 
-
-@implementer(IByteSource)
-class _DocumentBytes:
+def _document_bytes(body: bytes) -> _CompleteBytes:
     """A document made in memory (a rewritten page) as a byte source."""
-
-    complete = True
-    failure = None
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.received = len(body)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._body[offset : offset + length]
-
-    def attach(self, follower: IFollower) -> None:
-        pass
-
-    def detach(self, follower: IFollower) -> None:
-        pass
-
-    def follower_advanced(self) -> None:
-        pass
+    return _CompleteBytes(len(body), lambda offset, length: body[offset : offset + length])
 
 
 def serve_document(
@@ -78,7 +67,7 @@ def serve_document(
     """
     entity = Entity(len(body), last_modified, content_type)
     producer = send_entity(
-        request, entity, _DocumentBytes(body),
+        request, entity, _document_bytes(body),
         clock=clock, stall_timeout=stall_timeout, label=request.path.decode("utf-8", "replace"),
     )
     if producer is not None:
