@@ -10,6 +10,13 @@ and a runner for the real ``pip`` against it.
   the same host, with ``data-requires-python`` where a release has one;
 - ``/files/FILE``: the wheel's bytes.
 
+Or, as the real index does, with its files on another host: given a
+:class:`FilesHost` (``PackageIndexServer(files_host=FilesHost())``), the
+project pages link to each wheel with an ABSOLUTE URL,
+``FILES_URL/packages/HH/HH/FILE#sha256=HEX`` (a hash-ish path), and only
+that second server on 127.0.0.1 serves the wheels (the index's own
+``/files/`` is then a 404).  It records its requests as the index does.
+
 Like the indexes pip meets in the wild, ``/simple/NAME`` (no trailing
 slash) and ``/simple/Not_Normalized/`` are answered with a 301 to
 ``/simple/name/``, and every answer carries ``ETag`` and ``Last-Modified``
@@ -116,8 +123,18 @@ class Release:
 
     @property
     def path(self) -> str:
-        """Where the index serves the wheel."""
+        """Where the index serves the wheel (when it has no files host)."""
         return f"/files/{self.filename}"
+
+    @property
+    def hosted_path(self) -> str:
+        """
+        Where a :class:`FilesHost` serves the wheel:
+        ``/packages/HH/HH/FILE``, the two ``HH`` from the wheel's
+        ``blake2b`` digest (a path like the real files host's).
+        """
+        digest = hashlib.blake2b(self.data, digest_size=32).hexdigest()
+        return f"/packages/{digest[:2]}/{digest[2:4]}/{self.filename}"
 
 
 @dataclass
@@ -161,50 +178,19 @@ def _etag_matches(header: bytes, etag: bytes) -> bool:
     return any(strip(tag) == strip(etag) for tag in header.split(b","))
 
 
-class PackageIndex(Resource):
+class _RecordingResource(Resource):
     """
-    The index itself, a ``twisted.web`` resource (see the module's
-    docstring for what it serves).
+    A leaf resource that records every request (:class:`IndexRequest`) and
+    answers with validators and conditional requests.
 
     :ivar requests: every request, in order.
-    :ivar page_headers: extra headers on the ``/simple/`` pages (say a
-        ``Cache-Control``); none by default.
     """
 
     isLeaf = True
 
     def __init__(self) -> None:
         super().__init__()
-        self.projects: dict[str, Project] = {}
-        self.files: dict[str, Release] = {}
         self.requests: list[IndexRequest] = []
-        self.page_headers: dict[bytes, bytes] = {}
-        self._root_modified = self._next_modified(0)
-
-    @staticmethod
-    def _next_modified(previous: int) -> int:
-        # Last-Modified has whole seconds: a change within the same second
-        # as the one before it still gets a later date, so that a cache
-        # revalidating with If-Modified-Since alone is not told "304" for a
-        # page that did change.
-        return max(int(time.time()), previous + 1)
-
-    def add_release(
-        self, name: str, version: str, requires_python: Optional[str] = None
-    ) -> Release:
-        """Publish ``version`` of ``name``: it appears on the pages at once."""
-        filename, data = build_wheel(name, version, requires_python)
-        release = Release(name, version, filename, data, requires_python)
-        key = normalize(name)
-        project = self.projects.get(key)
-        if project is None:
-            project = self.projects[key] = Project(name)
-            self._root_modified = self._next_modified(self._root_modified)
-        project.releases.append(release)
-        project.modified = self._next_modified(project.modified)
-        release.modified = project.modified
-        self.files[filename] = release
-        return release
 
     def count(self, path: str, method: bytes = b"GET", status: Optional[int] = None) -> int:
         """How many ``method`` requests for ``path`` came (that got ``status``)."""
@@ -212,19 +198,6 @@ class PackageIndex(Resource):
             1 for r in self.requests
             if r.path == path and r.method == method and status in (None, r.status)
         )
-
-    def downloads(self) -> dict[str, int]:
-        """Wheel bodies sent, by file name (full 200 answers to a GET)."""
-        counts: dict[str, int] = {}
-        for r in self.requests:
-            if r.method == b"GET" and r.status == http.OK and r.path.startswith("/files/"):
-                name = r.path[len("/files/"):]
-                counts[name] = counts.get(name, 0) + 1
-        return counts
-
-    def page_requests(self) -> list[IndexRequest]:
-        """The requests for ``/simple/`` pages."""
-        return [r for r in self.requests if r.path.startswith("/simple")]
 
     def render_GET(self, request: Request) -> bytes:
         record = IndexRequest(
@@ -240,35 +213,13 @@ class PackageIndex(Resource):
     render_HEAD = render_GET
 
     def _answer(self, request: Request, path: str) -> bytes:
-        segments = path.split("/")[1:]
-        if segments == ["simple"]:
-            return self._redirect(request, "/simple/")
-        if segments == ["simple", ""]:
-            return self._send(request, self._root_page(), self.page_headers)
-        if segments[:1] == ["simple"] and segments[1] and segments[2:] in ([], [""]):
-            name = segments[1]
-            if len(segments) == 2 or name != normalize(name):
-                # /simple/pkg, /simple/Pkg_Name/: to the canonical URL.
-                return self._redirect(request, f"/simple/{normalize(name)}/")
-            project = self.projects.get(name)
-            if project is not None:
-                return self._send(request, self._project_page(project), self.page_headers)
-        elif segments[:1] == ["files"] and len(segments) == 2:
-            release = self.files.get(segments[1])
-            if release is not None:
-                return self._send(request, _Document(
-                    release.data, b"application/octet-stream", release.modified
-                ), {})
+        raise NotImplementedError
+
+    @staticmethod
+    def _not_found(request: Request) -> bytes:
         request.setResponseCode(http.NOT_FOUND)
         request.setHeader(b"content-type", b"text/plain")
         return b"not here\n"
-
-    def _redirect(self, request: Request, path: str) -> bytes:
-        host = request.getHost()
-        request.setResponseCode(http.MOVED_PERMANENTLY)
-        request.setHeader(b"location", f"http://{host.host}:{host.port}{path}".encode())
-        request.setHeader(b"content-type", b"text/plain")
-        return b"moved\n"
 
     def _send(self, request: Request, document: _Document, headers: dict) -> bytes:
         etag = document.etag
@@ -298,6 +249,169 @@ class PackageIndex(Resource):
             return modified <= since
         return False
 
+
+class FilesResource(_RecordingResource):
+    """
+    A files host: ``/packages/HH/HH/FILE`` (a release's
+    :attr:`Release.hosted_path`) is the wheel's bytes; anything else a 404.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, Release] = {}
+
+    def add(self, release: Release) -> None:
+        self.files[release.hosted_path] = release
+
+    def _answer(self, request: Request, path: str) -> bytes:
+        release = self.files.get(path)
+        if release is None:
+            return self._not_found(request)
+        return self._send(request, _Document(
+            release.data, b"application/octet-stream", release.modified
+        ), {})
+
+
+class FilesHost:
+    """
+    A :class:`FilesResource` listening on 127.0.0.1, a server apart from the
+    index's (another origin, as the real files host is).
+
+    :ivar url: its root, ``http://127.0.0.1:PORT/`` (what a pypi mirror's
+        ``files`` source is).
+    """
+
+    def __init__(self) -> None:
+        self.resource = FilesResource()
+        site = Site(self.resource)
+        site.log = lambda request: None
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}/"
+
+    def add(self, release: Release) -> None:
+        self.resource.add(release)
+
+    def url_of(self, release: Release) -> str:
+        """The absolute URL of ``release``'s wheel here (no fragment)."""
+        return self.url + release.hosted_path.lstrip("/")
+
+    @property
+    def requests(self) -> list[IndexRequest]:
+        return self.resource.requests
+
+    def count(self, path: str, method: bytes = b"GET", status: Optional[int] = None) -> int:
+        return self.resource.count(path, method, status)
+
+    def hits(self) -> dict[str, int]:
+        """Every request (any method, any status), counted by path."""
+        counts: dict[str, int] = {}
+        for r in self.requests:
+            counts[r.path] = counts.get(r.path, 0) + 1
+        return counts
+
+    def downloads(self) -> dict[str, int]:
+        """Wheel bodies sent, by file name (full 200 answers to a GET)."""
+        counts: dict[str, int] = {}
+        for r in self.requests:
+            if r.method == b"GET" and r.status == http.OK:
+                name = r.path.rsplit("/", 1)[-1]
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    async def stop(self) -> None:
+        if self.port.connected:
+            await self.port.stopListening()
+
+
+class PackageIndex(_RecordingResource):
+    """
+    The index itself, a ``twisted.web`` resource (see the module's
+    docstring for what it serves).
+
+    :param files_host: where the wheels are, if not here: the pages then
+        link to them there, by absolute URL, and ``/files/`` is a 404.
+    :ivar requests: every request, in order.
+    :ivar page_headers: extra headers on the ``/simple/`` pages (say a
+        ``Cache-Control``); none by default.
+    """
+
+    def __init__(self, files_host: Optional["FilesHost"] = None) -> None:
+        super().__init__()
+        self.files_host = files_host
+        self.projects: dict[str, Project] = {}
+        self.files: dict[str, Release] = {}
+        self.page_headers: dict[bytes, bytes] = {}
+        self._root_modified = self._next_modified(0)
+
+    @staticmethod
+    def _next_modified(previous: int) -> int:
+        # Last-Modified has whole seconds: a change within the same second
+        # as the one before it still gets a later date, so that a cache
+        # revalidating with If-Modified-Since alone is not told "304" for a
+        # page that did change.
+        return max(int(time.time()), previous + 1)
+
+    def add_release(
+        self, name: str, version: str, requires_python: Optional[str] = None
+    ) -> Release:
+        """Publish ``version`` of ``name``: it appears on the pages at once."""
+        filename, data = build_wheel(name, version, requires_python)
+        release = Release(name, version, filename, data, requires_python)
+        key = normalize(name)
+        project = self.projects.get(key)
+        if project is None:
+            project = self.projects[key] = Project(name)
+            self._root_modified = self._next_modified(self._root_modified)
+        project.releases.append(release)
+        project.modified = self._next_modified(project.modified)
+        release.modified = project.modified
+        self.files[filename] = release
+        if self.files_host is not None:
+            self.files_host.add(release)
+        return release
+
+    def downloads(self) -> dict[str, int]:
+        """Wheel bodies sent, by file name (full 200 answers to a GET)."""
+        counts: dict[str, int] = {}
+        for r in self.requests:
+            if r.method == b"GET" and r.status == http.OK and r.path.startswith("/files/"):
+                name = r.path[len("/files/"):]
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def page_requests(self) -> list[IndexRequest]:
+        """The requests for ``/simple/`` pages."""
+        return [r for r in self.requests if r.path.startswith("/simple")]
+
+    def _answer(self, request: Request, path: str) -> bytes:
+        segments = path.split("/")[1:]
+        if segments == ["simple"]:
+            return self._redirect(request, "/simple/")
+        if segments == ["simple", ""]:
+            return self._send(request, self._root_page(), self.page_headers)
+        if segments[:1] == ["simple"] and segments[1] and segments[2:] in ([], [""]):
+            name = segments[1]
+            if len(segments) == 2 or name != normalize(name):
+                # /simple/pkg, /simple/Pkg_Name/: to the canonical URL.
+                return self._redirect(request, f"/simple/{normalize(name)}/")
+            project = self.projects.get(name)
+            if project is not None:
+                return self._send(request, self._project_page(project), self.page_headers)
+        elif segments[:1] == ["files"] and len(segments) == 2 and self.files_host is None:
+            release = self.files.get(segments[1])
+            if release is not None:
+                return self._send(request, _Document(
+                    release.data, b"application/octet-stream", release.modified
+                ), {})
+        return self._not_found(request)
+
+    def _redirect(self, request: Request, path: str) -> bytes:
+        host = request.getHost()
+        request.setResponseCode(http.MOVED_PERMANENTLY)
+        request.setHeader(b"location", f"http://{host.host}:{host.port}{path}".encode())
+        request.setHeader(b"content-type", b"text/plain")
+        return b"moved\n"
+
     def _root_page(self) -> _Document:
         links = "".join(
             f'    <a href="{html.escape(key)}/">{html.escape(project.name)}</a><br>\n'
@@ -309,7 +423,11 @@ class PackageIndex(Resource):
     def _project_page(self, project: Project) -> _Document:
         lines = []
         for release in project.releases:
-            attributes = f'href="../../files/{html.escape(release.filename)}#sha256={release.sha256}"'
+            if self.files_host is None:
+                href = f"../../files/{release.filename}"
+            else:
+                href = self.files_host.url_of(release)
+            attributes = f'href="{html.escape(href)}#sha256={release.sha256}"'
             if release.requires_python:
                 attributes += f' data-requires-python="{html.escape(release.requires_python)}"'
             lines.append(f"    <a {attributes}>{html.escape(release.filename)}</a><br>\n")
@@ -334,10 +452,14 @@ class PackageIndexServer:
         pkgcache source is).
     :ivar index_url: ``http://127.0.0.1:PORT/simple/`` (what pip's
         ``--index-url`` is).
+    :ivar files_host: the :class:`FilesHost` given, that serves the wheels
+        (then :meth:`downloads` counts its downloads); ``None``: the index
+        serves them itself.  :meth:`stop` stops it too.
     """
 
-    def __init__(self) -> None:
-        self.index = PackageIndex()
+    def __init__(self, files_host: Optional[FilesHost] = None) -> None:
+        self.files_host = files_host
+        self.index = PackageIndex(files_host)
         site = Site(self.index)
         site.log = lambda request: None
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -351,6 +473,8 @@ class PackageIndexServer:
         return self.index.count(path, method, status)
 
     def downloads(self) -> dict[str, int]:
+        if self.files_host is not None:
+            return self.files_host.downloads()
         return self.index.downloads()
 
     @property
@@ -360,6 +484,8 @@ class PackageIndexServer:
     async def stop(self) -> None:
         if self.port.connected:
             await self.port.stopListening()
+        if self.files_host is not None:
+            await self.files_host.stop()
 
 
 @dataclass
