@@ -11,7 +11,8 @@ import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.web.http import stringToDatetime
 
-from tests.conftest import fetch
+from tests.conftest import fetch, wait_for
+from pkgcache.paths import cache_key_from_postpath
 from tests.pypi_index import Pip, PackageIndexServer, installed_version
 
 MAX_AGE = 30.0
@@ -185,9 +186,16 @@ async def test_a_fresh_page_is_served_from_the_cache_to_a_client_without_max_age
     clock = Clock()
     proxy = _proxy(make_proxy, index, clock)
     _, first = await fetch(http, proxy.url + "/simple/tinypkg/")
+    # The body is all sent before the copy is published: wait for that.
+    await wait_for(lambda: proxy.resource.downloads.in_flight(key_of("/simple/tinypkg/")) is None)
+    assert proxy.cached("/simple/tinypkg/.pkgcache-index").getContent() == first
     index.add_release("tinypkg", "2.0")
     clock.advance(MAX_AGE - 1)
     response, fresh = await fetch(http, proxy.url + "/simple/tinypkg/")
     assert fresh == first and b"2.0" not in fresh
     assert response.headers.getRawHeaders(b"cache-status") == [b"pkgcache; hit; ttl=1"]
     assert index.count("/simple/tinypkg/") == 1
+
+
+def key_of(path: str):
+    return cache_key_from_postpath([part.encode() for part in path.lstrip("/").split("/")])
