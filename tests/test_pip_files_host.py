@@ -27,6 +27,16 @@ from pkgcache.sources import Source
 from tests.conftest import fetch, wait_for
 from tests.pypi_index import FilesHost, PackageIndexServer, Pip, Release, installed_version
 
+MAX_AGE = 30.0
+WHEEL_1 = "tinypkg-1.0-py3-none-any.whl"
+WHEEL_2 = "tinypkg-2.0-py3-none-any.whl"
+WHEEL_3 = "tinypkg-3.0-py3-none-any.whl"
+
+
+@pytest_twisted.async_yield_fixture
+async def index():
+    """An index whose wheels only a files host (``index.files_host``) serves."""
+    server = PackageIndexServer(files_host=FilesHost())
     yield server
     await server.stop()
 
