@@ -381,8 +381,10 @@ class PackageCacheResource(Resource):
         if is_release_file(str(key)) or (
             self._rewriter is not None and self._rewriter.applies(key)
         ):
-            # Checked before anyone sees it: an older one than we have is
-            # refused, and its listed indexes checked (kinds.debian).
+            # Answered from the store once complete: a Debian release is
+            # checked first (an older one than ours is refused, the indexes
+            # it lists are checked: kinds.debian), a PyPI page is rewritten
+            # as it is served (kinds.pypi).
             await download.finished
             if client_gone:
                 return

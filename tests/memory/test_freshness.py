@@ -340,7 +340,7 @@ def test_a_volatile_body_cut_short_is_not_resumed_from_another_source(cache, net
     assert network.urls == [url(A, INDEX)]
 
 
-def test_volatile_patterns_keep_their_own_flags(make_cache):
+def test_volatile_patterns_keep_their_own_flags():
     from pkgcache.freshness import Freshness
     from twisted.internet.task import Clock
 
