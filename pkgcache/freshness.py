@@ -54,6 +54,10 @@ _GENTOO: tuple[Rule, ...] = (
     Rule(r"(^|/)releases/.+/latest-[^/]*\.txt$", "Gentoo: pointers to the newest stage files"),
 )
 _PYPI = (Rule(r"(^|/)simple/", "PyPI: the simple index and its project pages"),)
+_NPM = (
+    Rule(r"^/(@[^/]+/)?[^/@][^/]*(/[^/-][^/]*)?$",
+         "npm: package documents (/NAME, /@SCOPE/NAME) and their versions (/NAME/latest)"),
+)
 _RPM = (
     Rule(r"(^|/)repodata/repomd\.xml(\.asc)?$",
          "RPM: the repository's index of indexes, and its signature"),
@@ -72,6 +76,7 @@ VOLATILE_BY_KIND: dict[str, tuple[Rule, ...]] = {
     "gentoo": _GENTOO + _SUMS,
     "pypi": _PYPI,
     "rpm": _RPM + _SUMS,
+    "npm": _NPM,
     "generic": _DEBIAN + _SUMS + _GENTOO + _PYPI + _RPM + _OTHERS,
 }
 VOLATILE_DEFAULTS = VOLATILE_BY_KIND["generic"]

@@ -21,11 +21,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.9 and 3.10
     import tomli as tomllib
 
-#: Kinds whose documents link to files on other hosts, which need link
-#: rewriting that is not built yet.
-UNSUPPORTED_KINDS = {"npm": "rewriting its tarball links is not built yet"}
 KINDS = ("generic", "debian", "ubuntu", "gentoo", "rpm", "pypi", "npm")
-assert set(KINDS) == set(VOLATILE_BY_KIND) | set(UNSUPPORTED_KINDS)
+assert set(KINDS) == set(VOLATILE_BY_KIND)
+#: Kinds whose documents link to files on a host of their own.
+KINDS_WITH_FILES = ("pypi", "npm")
 
 #: A name that is one plain path segment: never ``.``, ``..``, a hidden or
 #: reserved name (those start with a dot), or anything a URL must escape.
@@ -45,8 +44,9 @@ class Mirror:
     :ivar kind: a key of :data:`~pkgcache.freshness.VOLATILE_BY_KIND`.
     :ivar volatile: more patterns of volatile files.
     :ivar volatile_max_age: its own freshness, if not the global one.
-    :ivar files: for ``pypi``: where the files its pages link to live
-        (failover, in order); served under ``/NAME/files/``.
+    :ivar files: for ``pypi`` (required) and ``npm`` (optional): where
+        the files its documents link to live (failover, in order); served
+        under ``/NAME/files/``.
     """
 
     name: str
@@ -104,8 +104,6 @@ def _mirror(path: str, name: str, table: Any) -> Mirror:
     kind = table.get("kind", "generic")
     if kind not in KINDS:
         raise ConfigError(f"{where}: unknown kind {kind!r} (one of {', '.join(KINDS)})")
-    if kind in UNSUPPORTED_KINDS:
-        raise ConfigError(f"{where}: kind {kind!r} is not supported yet: {UNSUPPORTED_KINDS[kind]}")
     parsed = _urls(where, "sources", table.get("sources"))
     files: tuple[Source, ...] = ()
     if kind == "pypi":
@@ -114,8 +112,11 @@ def _mirror(path: str, name: str, table: Any) -> Mirror:
                 f"{where}: kind 'pypi' needs 'files': the URLs of the host its pages link to"
             )
         files = _urls(where, "files", table["files"])
+    elif "files" in table and kind in KINDS_WITH_FILES:
+        # npm: for documents whose tarball links are not below the sources.
+        files = _urls(where, "files", table["files"])
     elif "files" in table:
-        raise ConfigError(f"{where}: 'files' is for kind 'pypi' only")
+        raise ConfigError(f"{where}: 'files' is for kinds {' and '.join(KINDS_WITH_FILES)} only")
     volatile = table.get("volatile", [])
     if not isinstance(volatile, list) or not all(isinstance(v, str) for v in volatile):
         raise ConfigError(f"{where}: 'volatile' must be a list of regular expressions")

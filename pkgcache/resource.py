@@ -129,6 +129,9 @@ class PackageCacheResource(Resource):
     :param name: the mirror's name, for its metrics' ``mirror`` label.
     :param rewriter: rewrites the documents it applies to as they are
         served (a PyPI mirror's pages; the cache keeps them as sent).
+    :param public_url: the URL clients reach pkgcache by (behind a load
+        balancer), for links that must be absolute; else each request's
+        own ``Host``.
     """
 
     isLeaf = True
@@ -156,6 +159,7 @@ class PackageCacheResource(Resource):
         kind: str = "generic",
         name: str = "",
         rewriter: Optional[SimpleIndexRewriter] = None,
+        public_url: Optional[str] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -165,6 +169,7 @@ class PackageCacheResource(Resource):
         self._reactor = reactor
         self.name = name
         self._rewriter = rewriter
+        self._public_url = public_url
         self._access_log = access_log
         self._client_stall_timeout = client_stall_timeout
         if upstream is None:
