@@ -61,3 +61,40 @@ class IPublicationCheck(Interface):
 
     def is_consistent(key, metadata) -> bool:
         """Whether a cached copy of ``key`` may still be served as fresh."""
+
+
+class IDocumentRewriter(Interface):
+    """
+    What a kind whose documents link to its files knows of them (PyPI's
+    simple pages, npm's package documents): which requests name documents,
+    under which key each form of one is cached, and how their links are
+    rewritten into the cache as they are served (the cache keeps them as
+    the source sent them, so a change of the rule needs no refetch).
+    """
+
+    accept_by_representation = Attribute(
+        "The Accept header to send a source for a key of each representation."
+    )
+
+    def key_for(postpath):
+        """
+        The :class:`~pkgcache.paths.CacheKey` of a request path.
+
+        :raises pkgcache.paths.UnsafePath: as ``cache_key_from_postpath``.
+        """
+
+    def applies(key) -> bool:
+        """Whether ``key`` is a document whose links are rewritten."""
+
+    def redirect(key):
+        """The relative ``Location`` of ``key``'s canonical spelling, or ``None``."""
+
+    def representation(key, accept):
+        """``key`` for the form of the document the client's ``Accept`` prefers."""
+
+    def rewrite(key, document, content_type, base) -> bytes:
+        """
+        ``document`` with its links pointing into the cache; ``base`` is
+        the URL of the mirror's tree as the client reaches it (ending in
+        ``/``), for links that must be absolute.
+        """

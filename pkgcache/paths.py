@@ -57,11 +57,16 @@ class CacheKey:
         names the document a source serves for that directory.
     :ivar representation: for a document served in more than one format
         by ``Accept`` (PyPI's ``json``), which one; each is cached apart.
+    :ivar remote: the path on a source, percent-encoded, when it is not
+        ``segments`` (npm asks for a scoped package's document as
+        ``@scope%2fname``, which is stored as ``@scope/name/``); made by a
+        kind from checked segments only.
     """
 
     segments: tuple[str, ...]
     directory: bool = False
     representation: str = ""
+    remote: str = ""
 
     def __str__(self) -> str:
         return "/" + "/".join(self.segments) + ("/" if self.directory else "")

@@ -6,7 +6,9 @@ shared :class:`~pkgcache.download.Download`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from urllib.parse import quote
 from typing import Optional, Sequence, Union
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -23,7 +25,7 @@ from pkgcache.freshness import (
     DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR, Freshness,
 )
 from pkgcache.hits import serve_document, serve_hit
-from pkgcache.kinds.pypi import ACCEPT_BY_REPRESENTATION, MAX_PAGE_BYTES, SimpleIndexRewriter
+from pkgcache.interfaces import IDocumentRewriter
 from pkgcache.kinds.debian import ReleaseTracker, is_release_file
 from pkgcache.metadata import DEFAULT_CONTENT_TYPE
 from pkgcache.metrics import Metrics
@@ -35,6 +37,11 @@ from pkgcache.store import CachedFile, CacheStore
 from pkgcache.upstream import UpstreamClient, UpstreamResponse
 
 ALLOWED_METHODS = (b"GET", b"HEAD")
+#: The largest document rewritten (the biggest PyPI pages and npm
+#: documents are tens of MiB); it is read whole to be rewritten.
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+#: A ``Host`` header that may go into a link: a name or address, a port.
+_HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 log = Logger()
 
@@ -127,8 +134,8 @@ class PackageCacheResource(Resource):
     :param kind: the kind of repository, which chooses the built-in
         volatile rules (see :data:`~pkgcache.freshness.VOLATILE_BY_KIND`).
     :param name: the mirror's name, for its metrics' ``mirror`` label.
-    :param rewriter: rewrites the documents it applies to as they are
-        served (a PyPI mirror's pages; the cache keeps them as sent).
+    :param rewriter: the kind's documents, rewritten as they are served
+        (a PyPI mirror's pages, an npm mirror's package documents).
     :param public_url: the URL clients reach pkgcache by (behind a load
         balancer), for links that must be absolute; else each request's
         own ``Host``.
@@ -158,7 +165,7 @@ class PackageCacheResource(Resource):
         clock=None,
         kind: str = "generic",
         name: str = "",
-        rewriter: Optional[SimpleIndexRewriter] = None,
+        rewriter: Optional[IDocumentRewriter] = None,
         public_url: Optional[str] = None,
     ) -> None:
         super().__init__()
@@ -180,7 +187,7 @@ class PackageCacheResource(Resource):
                 idle_timeout=idle_timeout,
                 max_body_size=max_file_size,
                 metrics=metrics,
-                accept_by_representation=ACCEPT_BY_REPRESENTATION if rewriter else None,
+                accept_by_representation=rewriter.accept_by_representation if rewriter else None,
             )
         self.upstream = upstream
         self.metrics = metrics if metrics is not None else upstream.metrics
@@ -240,14 +247,16 @@ class PackageCacheResource(Resource):
             # An absolute-form request, as sent to a forward proxy: we are not one.
             return send_error(request, http.BAD_REQUEST, "not a proxy: ask for a path")
         try:
-            key = cache_key_from_postpath(request.postpath)
+            if self._rewriter is None:
+                key = cache_key_from_postpath(request.postpath)
+            else:
+                key = self._rewriter.key_for(request.postpath)
         except UnsafePath as unsafe:
             return send_error(request, unsafe.status, unsafe.reason)
         if self._rewriter is not None and self._rewriter.applies(key):
-            canonical = self._rewriter.canonical(key)
-            if canonical is not None:
-                # One cached page per project, as the index itself redirects.
-                request.setHeader(b"location", b"../" + canonical.segments[-1].encode() + b"/")
+            location = self._rewriter.redirect(key)
+            if location is not None:
+                request.setHeader(b"location", location)
                 return send_error(request, http.MOVED_PERMANENTLY, "see the normalised name")
             request.setHeader(b"vary", b"Accept")
             key = self._rewriter.representation(key, request.getHeader(b"accept"))
@@ -319,11 +328,14 @@ class PackageCacheResource(Resource):
                 request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout
             )
         try:
-            if cached.size > MAX_PAGE_BYTES:
-                return send_error(request, http.BAD_GATEWAY, "the page is too large to rewrite")
-            page = cached.read(0, cached.size)
+            if cached.size > MAX_DOCUMENT_BYTES:
+                return send_error(request, http.BAD_GATEWAY, "the document is too large to rewrite")
+            base = tree_url(request, self._public_url)
+            if base is None:
+                return send_error(request, http.BAD_REQUEST, "a Host header (or --public-url) is needed")
+            document = cached.read(0, cached.size)
             content_type = cached.metadata.content_type
-            body = self._rewriter.rewrite(key, page, content_type)
+            body = self._rewriter.rewrite(key, document, content_type, base)
         finally:
             cached.close()
         serve_document(
@@ -531,6 +543,24 @@ class PackageCacheResource(Resource):
         self.metrics.request_finished(self.name, record.outcome, request.sentLength)
         if self._access_log is not None:
             self._access_log.record(request, record.outcome, dropped)
+
+
+def tree_url(request: Request, public_url: Optional[str]) -> Optional[str]:
+    """
+    The URL of the resource answering ``request`` as the client reached
+    it (below ``public_url`` if given, else from its ``Host``), ending in
+    ``/``; ``None`` without a ``Host`` that can go into a link.
+    """
+    if public_url is not None:
+        root = public_url.rstrip("/")
+    else:
+        host = request.getHeader(b"host")
+        if host is None or not _HOST.match(host):
+            return None
+        scheme = "https" if request.isSecure() else "http"
+        root = f"{scheme}://{host.decode('ascii')}"
+    mounted = (quote(part.decode("utf-8", "replace")) for part in request.prepath if part)
+    return root + "".join("/" + segment for segment in mounted) + "/"
 
 
 def _failure_detail(failed: AllSourcesFailed) -> list[str]:

@@ -16,10 +16,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgcache.accesslog import AccessLog
-from pkgcache.kinds.pypi import FILES_PREFIX, SimpleIndexRewriter
+from pkgcache.interfaces import IDocumentRewriter
+from pkgcache.kinds import FILES_PREFIX
+from pkgcache.kinds.npm import PackageDocumentRewriter
+from pkgcache.kinds.pypi import SimpleIndexRewriter
 from pkgcache.metrics import Metrics
 from pkgcache.mirrors import Mirror
-from pkgcache.resource import PackageCacheResource
+from pkgcache.resource import PackageCacheResource, tree_url
 from pkgcache.responses import send_error
 from pkgcache.store import CacheStore, StoreArea
 
@@ -30,6 +33,7 @@ _CLIENT_LINES = {
     "gentoo": 'in make.conf: GENTOO_MIRRORS="{url}"',
     "rpm": "in a .repo file: baseurl={url}...",
     "pypi": "pip install --index-url {url}simple/ ...",
+    "npm": "npm install --registry {url} ...",
     "generic": "files at {url}PATH",
 }
 
@@ -40,8 +44,8 @@ class MirrorsResource(Resource):
     ``CACHE_DIR/NAME/`` of one shared store.
 
     :param options: passed to every mirror's resource (timeouts, limits,
-        freshness); a mirror's own ``volatile`` patterns add to
-        ``volatile``, and its ``volatile_max_age`` wins.
+        freshness, ``public_url``); a mirror's own ``volatile`` patterns
+        add to ``volatile``, and its ``volatile_max_age`` wins.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class MirrorsResource(Resource):
         access_log: Optional[AccessLog] = None,
         store: Optional[CacheStore] = None,
         volatile: Sequence[str] = (),
+        public_url: Optional[str] = None,
         **options,
     ) -> None:
         super().__init__()
@@ -67,12 +72,16 @@ class MirrorsResource(Resource):
         self.mirrors: dict[str, PackageCacheResource] = {}
         #: A pypi mirror's files, fetched from its ``files`` sources.
         self.files: dict[str, PackageCacheResource] = {}
-        shared = dict(options, reactor=reactor, metrics=self.metrics, access_log=access_log)
+        self._public_url = public_url
+        shared = dict(
+            options, reactor=reactor, metrics=self.metrics, access_log=access_log,
+            public_url=public_url,
+        )
         for mirror in mirrors:
             own = dict(shared)
             if mirror.volatile_max_age is not None:
                 own["volatile_max_age"] = mirror.volatile_max_age
-            rewriter = SimpleIndexRewriter(mirror.files) if mirror.kind == "pypi" else None
+            rewriter = _rewriter(mirror)
             self.mirrors[mirror.name] = PackageCacheResource(
                 mirror.sources,
                 store=StoreArea(store, mirror.name),
@@ -118,10 +127,10 @@ class MirrorsResource(Resource):
         return mirror
 
     def render_GET(self, request: Request) -> bytes:
-        host = (request.getHeader(b"host") or b"cache-host").decode("latin-1", "replace")
+        root = tree_url(request, self._public_url) or "http://CACHE-HOST/"
         lines = ["pkgcache mirrors:", ""]
         for name, kind in self._kinds.items():
-            url = f"http://{host}/{name}/"
+            url = f"{root}{name}/"
             lines.append(f"/{name}/ ({kind}): " + _CLIENT_LINES[kind].format(url=url))
         body = ("\n".join(lines) + "\n").encode("utf-8")
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -129,6 +138,15 @@ class MirrorsResource(Resource):
         return body
 
     render_HEAD = render_GET
+
+
+def _rewriter(mirror: Mirror) -> Optional[IDocumentRewriter]:
+    """What rewrites the links of a mirror's documents, for the kinds that need it."""
+    if mirror.kind == "pypi":
+        return SimpleIndexRewriter(mirror.files)
+    if mirror.kind == "npm":
+        return PackageDocumentRewriter(mirror.sources, mirror.files)
+    return None
 
 
 class _UnknownMirror(Resource):

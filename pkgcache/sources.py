@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Optional, Sequence
+from urllib.parse import quote
 
 from hyperlink import DecodedURL
 from twisted.internet.interfaces import IReactorTime
@@ -40,21 +41,21 @@ class Source:
             raise ValueError(f"a source URL has no query or fragment: {text!r}")
         self.url = url
         self.text = text
+        base = url.to_uri().to_text()
+        self._base = base if base.endswith("/") else base + "/"
 
     def url_for(self, key: CacheKey) -> str:
         """
         The URL of ``key`` on this source.
 
-        Each segment is percent-encoded as one path segment, so a key can
-        never reach another host or climb out of the source's base path.
+        Each segment is percent-encoded as one path segment (``@`` kept, as
+        npm writes scoped names), so a key can never reach another host or
+        climb out of the source's base path.
         """
-        base = self.url
-        if base.path and base.path[-1] == "":
-            # hyperlink's child() keeps an empty last segment: drop it so
-            # "https://m/" and "https://m" both give "https://m/x".
-            base = base.replace(path=base.path[:-1])
-        segments = key.segments + ("",) if key.directory else key.segments
-        return base.child(*segments).to_uri().to_text()
+        if key.remote:
+            return self._base + key.remote
+        path = "/".join(quote(segment, safe="@") for segment in key.segments)
+        return self._base + path + ("/" if key.directory else "")
 
     def __str__(self) -> str:
         return self.text

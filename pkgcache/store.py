@@ -31,7 +31,7 @@ import stat
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred, fail
@@ -320,7 +320,7 @@ class StoreArea:
         self.names = names
 
     def _key(self, key: CacheKey) -> CacheKey:
-        return CacheKey(self.names + key.segments, key.directory, key.representation)
+        return replace(key, segments=self.names + key.segments)
 
     @property
     def running(self) -> bool:

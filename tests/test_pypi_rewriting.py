@@ -128,9 +128,9 @@ async def test_files_linked_from_a_page_come_through_the_cache(origins, http, tm
 
 def test_project_names_are_normalised_as_pep_503_says():
     rewriter = SimpleIndexRewriter([Source(FILES)])
-    assert rewriter.canonical(key("/simple/Foo_Bar.baz/")) == key("/simple/foo-bar-baz/")
-    assert rewriter.canonical(key("/simple/foo-bar/")) is None
-    assert rewriter.canonical(key("/simple/")) is None
+    assert rewriter.redirect(key("/simple/Foo_Bar.baz/")) == b"../foo-bar-baz/"
+    assert rewriter.redirect(key("/simple/foo-bar/")) is None
+    assert rewriter.redirect(key("/simple/")) is None
 
 
 @pytest_twisted.ensureDeferred

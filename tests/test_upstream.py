@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from hyperlink import DecodedURL
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -38,7 +39,12 @@ def test_source_url_appends_each_segment_encoded(base, expected):
 def test_a_segment_cannot_leave_the_source():
     source = Source("https://m.example/gentoo/")
     url = source.url_for(CacheKey(("..%2F..", "@evil.example", "x")))
-    assert url == "https://m.example/gentoo/..%252F../%40evil.example/x"
+    # "@" stays as it is: after the base's path it cannot start an authority.
+    assert url == "https://m.example/gentoo/..%252F../@evil.example/x"
+    assert Source("https://m.example").url_for(CacheKey(("@evil.example",))) == (
+        "https://m.example/@evil.example"
+    )
+    assert DecodedURL.from_text(url).host == "m.example"
 
 
 @pytest.mark.parametrize(

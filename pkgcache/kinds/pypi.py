@@ -17,35 +17,41 @@ from __future__ import annotations
 import html
 import json
 import re
+from dataclasses import replace
 from typing import Optional, Sequence
+from urllib.parse import quote
 
-from pkgcache.paths import CacheKey
+from zope.interface import implementer
+
+from pkgcache.kinds.negotiation import media_type_qualities
+from pkgcache.interfaces import IDocumentRewriter
+from pkgcache.kinds import FILES_PREFIX, link_bases
+from pkgcache.paths import CacheKey, cache_key_from_postpath
 from pkgcache.sources import Source
 
-#: The largest page rewritten (the biggest projects' pages are a few MiB).
-MAX_PAGE_BYTES = 64 * 1024 * 1024
-#: Where, within the mirror's tree, the files are served.
-FILES_PREFIX = "files"
 
 _SEPARATORS = re.compile(r"[-_.]+")
 _HREF = re.compile(rb"""(\bhref\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
 PEP691_JSON = b"application/vnd.pypi.simple.v1+json"
 _JSON_TYPES = (PEP691_JSON, b"application/json")
+_JSON_PAGE_TYPES = (PEP691_JSON, b"application/vnd.pypi.simple.latest+json")
 _HTML_TYPES = (b"application/vnd.pypi.simple.v1+html", b"text/html", b"application/vnd.pypi.simple.latest+html")
-#: What to ask the index for, by the representation a key names.
-ACCEPT_BY_REPRESENTATION = {"json": PEP691_JSON}
 
 
+@implementer(IDocumentRewriter)
 class SimpleIndexRewriter:
     """
     :param files: the files host's base URLs (a link below any of them is
         rewritten; the path below it is kept).
     """
 
+    accept_by_representation = {"json": PEP691_JSON}
+
     def __init__(self, files: Sequence[Source]) -> None:
-        self._bases = tuple(
-            source.text if source.text.endswith("/") else source.text + "/" for source in files
-        )
+        self._bases = link_bases(files)
+
+    def key_for(self, postpath: Sequence[bytes]) -> CacheKey:
+        return cache_key_from_postpath(postpath)
 
     def applies(self, key: CacheKey) -> bool:
         """Whether ``key`` is a page of the simple index."""
@@ -59,41 +65,31 @@ class SimpleIndexRewriter:
         """
         if not (self.applies(key) and key.directory) or accept is None:
             return key
-        json_q, html_q = 0.0, 0.0
-        for item in accept.split(b","):
-            media_type, *parameters = (part.strip() for part in item.split(b";"))
-            q = 1.0
-            for parameter in parameters:
-                name, _, value = parameter.partition(b"=")
-                if name.strip().lower() == b"q":
-                    try:
-                        q = float(value)
-                    except ValueError:
-                        q = 0.0
-            media_type = media_type.lower()
-            if media_type in (PEP691_JSON, b"application/vnd.pypi.simple.latest+json"):
-                json_q = max(json_q, q)
-            elif media_type in _HTML_TYPES or media_type in (b"*/*", b"text/*"):
-                html_q = max(html_q, q)
+        qualities = media_type_qualities(accept)
+        json_q = max(qualities.get(t, 0.0) for t in _JSON_PAGE_TYPES)
+        html_q = max(qualities.get(t, 0.0) for t in _HTML_TYPES + (b"*/*", b"text/*"))
         if json_q > 0 and json_q >= html_q:
-            return CacheKey(key.segments, key.directory, "json")
+            return replace(key, representation="json")
         return key
 
-    def canonical(self, key: CacheKey) -> Optional[CacheKey]:
+    def redirect(self, key: CacheKey) -> Optional[bytes]:
         """
-        The key of a project page under its PEP 503 normalised name
-        (``/simple/Foo_Bar/`` -> ``/simple/foo-bar/``), if ``key`` is a
-        project page under another spelling; else ``None``.
+        Where a project page is under its PEP 503 normalised name
+        (``/simple/Foo_Bar/`` -> ``../foo-bar/``), if ``key`` is one under
+        another spelling (one cached page per project, as the index itself
+        redirects); else ``None``.
         """
         if len(key.segments) != 2 or not key.directory or key.segments[0] != "simple":
             return None
         normalised = _SEPARATORS.sub("-", key.segments[1]).lower()
         if normalised == key.segments[1]:
             return None
-        return CacheKey(("simple", normalised), directory=True)
+        return b"../" + quote(normalised).encode("ascii") + b"/"
 
-    def rewrite(self, key: CacheKey, page: bytes, content_type: Optional[bytes]) -> bytes:
-        """``page`` with its file links pointing into the cache."""
+    def rewrite(
+        self, key: CacheKey, page: bytes, content_type: Optional[bytes], base: str = ""
+    ) -> bytes:
+        """``page`` with its file links relative links into the cache."""
         up = "../" * (len(key.segments) if key.directory else len(key.segments) - 1)
         if content_type is not None and content_type.split(b";")[0].strip() in _JSON_TYPES:
             return self._rewrite_json(page, up)
