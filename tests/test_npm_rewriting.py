@@ -69,9 +69,11 @@ def test_documents_and_tarballs_are_told_apart():
     tarball = rewriter.key_for(postpath("/@acme/left-pad/-/left-pad-1.0.0.tgz"))
     assert tarball == CacheKey(("@acme", "left-pad", "-", "left-pad-1.0.0.tgz"))
     assert not rewriter.applies(tarball)
-    version = rewriter.key_for(postpath("/left-pad/1.0.0"))
-    assert not version.directory and not rewriter.applies(version)
-    for odd in ("/@acme", "/-/ping"):
+    for path in ("/left-pad/1.0.0", "/@acme/left-pad/latest"):
+        version = rewriter.key_for(postpath(path))
+        assert not version.directory and rewriter.applies(version)
+        assert rewriter.representation(version, NPM_ACCEPT) == version
+    for odd in ("/@acme", "/-/ping", "/-/v1/search", "/@acme/-/x", "/left-pad/-"):
         assert not rewriter.applies(rewriter.key_for(postpath(odd)))
 
 

@@ -70,14 +70,22 @@ class PackageDocumentRewriter:
         return key
 
     def applies(self, key: CacheKey) -> bool:
-        return key.directory and bool(key.remote)
+        """A package document, or one version's (``/NAME/1.0.0``, ``/NAME/latest``)."""
+        if key.directory:
+            return bool(key.remote)
+        package = 2 if key.segments[0].startswith("@") else 1
+        return (
+            len(key.segments) == package + 1
+            and key.segments[-1] != "-"
+            and _is_document(key.segments[:package])
+        )
 
     def redirect(self, key: CacheKey) -> Optional[bytes]:
         return None
 
     def representation(self, key: CacheKey, accept: Optional[bytes]) -> CacheKey:
         """The abbreviated document for a client that names it first."""
-        if not self.applies(key) or accept is None:
+        if not (key.directory and key.remote) or accept is None:
             return key
         qualities = media_type_qualities(accept)
         abbreviated = qualities.get(ABBREVIATED, 0.0)
@@ -106,6 +114,7 @@ class PackageDocumentRewriter:
 
 def _is_document(segments: tuple[str, ...]) -> bool:
     """``/NAME`` or ``/@SCOPE/NAME``: what npm asks for a package's versions."""
-    if len(segments) == 1:
-        return not segments[0].startswith(("@", "-", "."))
-    return len(segments) == 2 and segments[0].startswith("@") and len(segments[0]) > 1
+    *scope, name = segments
+    if name.startswith(("@", "-", ".")):
+        return False
+    return not scope or (len(scope) == 1 and scope[0].startswith("@") and len(scope[0]) > 1)
