@@ -104,6 +104,10 @@ class Freshness:
     :param negative_max_age: seconds a 404 from every source is remembered.
     :param stale_if_error: seconds past its freshness that a volatile copy
         is still served when no source can revalidate it (0: never).
+    :param min_revalidation_interval: a client's ``no-cache`` or
+        ``max-age`` forces a revalidation only of a copy checked at least
+        this many seconds ago (apt, pip and uv send ``max-age=0`` with
+        every index request; 0: always).
     :param clock: tells the time of checks and ages.
     :param kind: which defaults apply (a key of :data:`VOLATILE_BY_KIND`).
     :raises re.error: if a pattern is not a valid regular expression.
@@ -117,9 +121,11 @@ class Freshness:
         max_age: float = DEFAULT_MAX_AGE,
         negative_max_age: float = DEFAULT_NEGATIVE_MAX_AGE,
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
+        min_revalidation_interval: float = 0.0,
         clock: IReactorTime,
     ) -> None:
         self.max_age = max_age
+        self.min_revalidation_interval = min_revalidation_interval
         self.negative_max_age = negative_max_age
         self.stale_if_error = stale_if_error
         self.clock = clock
@@ -154,9 +160,12 @@ class Freshness:
         """
         Whether a volatile copy may be served without asking its source:
         checked within ``max_age`` (and within the client's own
-        ``Cache-Control: max-age``, if it sent one).
+        ``Cache-Control: max-age``, if it sent one, but never less than
+        ``min_revalidation_interval``).
         """
-        limit = self.max_age if client_max_age is None else min(self.max_age, client_max_age)
+        limit = self.max_age
+        if client_max_age is not None:
+            limit = min(limit, max(client_max_age, self.min_revalidation_interval))
         return self.age(metadata) < limit
 
     def ttl(self, metadata: EntryMetadata) -> int:

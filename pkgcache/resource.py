@@ -129,7 +129,8 @@ class PackageCacheResource(Resource):
     :param store: the cache directory's store (default: one for
         ``cache_dir``), to share it or to run its disk work differently.
     :param volatile: more patterns of files that change in place (see
-        :class:`~pkgcache.freshness.Freshness`, as are the ages).
+        :class:`~pkgcache.freshness.Freshness`, as are the ages and
+        ``min_revalidation_interval``).
     :param clock: tells the time for freshness (default: ``reactor``).
     :param kind: the kind of repository, which chooses the built-in
         volatile rules (see :data:`~pkgcache.freshness.VOLATILE_BY_KIND`).
@@ -161,6 +162,7 @@ class PackageCacheResource(Resource):
         volatile: Sequence[str] = (),
         volatile_max_age: float = DEFAULT_MAX_AGE,
         negative_max_age: float = DEFAULT_NEGATIVE_MAX_AGE,
+        min_revalidation_interval: float = 0.0,
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
         clock=None,
         kind: str = "generic",
@@ -199,6 +201,7 @@ class PackageCacheResource(Resource):
         self.freshness = Freshness(
             volatile,
             max_age=volatile_max_age,
+            min_revalidation_interval=min_revalidation_interval,
             negative_max_age=negative_max_age,
             stale_if_error=stale_if_error,
             clock=clock if clock is not None else reactor,

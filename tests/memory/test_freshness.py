@@ -163,6 +163,20 @@ def test_a_client_max_age_the_copy_is_younger_than_is_a_hit(cache, network):
     assert len(network.requests) == 1
 
 
+def test_forced_revalidations_wait_for_the_minimum_interval(make_cache, network):
+    cache = make_cache(volatile_max_age=30, min_revalidation_interval=20)
+    cached_copy(cache, network)
+    cache.advance(19)
+    spared = cache.get(INDEX, {"cache-control": "max-age=0"})
+    assert spared.header("cache-status") == "pkgcache; hit; ttl=11"
+    assert len(network.requests) == 1
+    cache.advance(1)
+    forcing = cache.get(INDEX, {"cache-control": "no-cache"})
+    network.pending(url(A, INDEX)).respond(http.NOT_MODIFIED, length=0)
+    assert forcing.header("cache-status") == "pkgcache; fwd=request; fwd-status=304"
+    assert len(network.requests) == 2
+
+
 def test_conditional_client_requests_are_answered_from_the_cache(cache, network):
     cached_copy(cache, network)
     by_tag = cache.get(INDEX, {"if-none-match": 'W/"x", "v1"'})
