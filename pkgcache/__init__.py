@@ -1,8 +1,10 @@
 """
 pkgcache: a caching reverse proxy for package downloads.
 
-Embed :class:`PackageCacheResource` (one mirror) or :class:`MirrorsResource`
-(several, from :func:`load_config` or :class:`Mirror` values) in any
+Embed :class:`PackageCacheResource` (one tree of sources),
+:class:`MirrorResource` (one :class:`Mirror`, with its kind's rewriting and
+files host) or :class:`MirrorsResource` (several, from :func:`load_config`
+or :class:`Mirror` values) in any
 ``twisted.web`` site, with a :class:`CacheService` for its start and stop,
 or run ``twist pkgcache --source URL`` or ``twist pkgcache --config FILE``.
 """
@@ -10,7 +12,7 @@ or run ``twist pkgcache --source URL`` or ``twist pkgcache --config FILE``.
 __version__ = "0.3.0"
 
 __all__ = [
-    "CacheService", "Mirror", "MirrorsResource", "PackageCacheResource", "load_config",
+    "CacheService", "Mirror", "MirrorResource", "MirrorsResource", "PackageCacheResource", "load_config",
     "__version__",
 ]
 
@@ -25,10 +27,10 @@ def __getattr__(name: str):
         from pkgcache.service import CacheService
 
         return CacheService
-    if name == "MirrorsResource":
-        from pkgcache.root import MirrorsResource
+    if name in ("MirrorResource", "MirrorsResource"):
+        from pkgcache import root
 
-        return MirrorsResource
+        return getattr(root, name)
     if name in ("Mirror", "load_config"):
         from pkgcache import mirrors
 

@@ -180,6 +180,10 @@ class CacheStore:
         for observer in list(self.on_published):
             observer(size)
 
+    def area(self, *names: str) -> "StoreArea":
+        """The tree ``CACHE_DIR/NAME/...`` of this store, as a store of its own."""
+        return StoreArea(self, *names)
+
     def path_for(self, key: CacheKey) -> FilePath:
         """
         Where ``key`` is (or would be) published.
@@ -321,6 +325,9 @@ class StoreArea:
 
     def _key(self, key: CacheKey) -> CacheKey:
         return replace(key, segments=self.names + key.segments)
+
+    def area(self, *names: str) -> "StoreArea":
+        return StoreArea(self.store, *self.names, *names)
 
     @property
     def running(self) -> bool:

@@ -68,7 +68,7 @@ def test_a_config_file_defines_mirrors_and_options(tmp_path):
     assert [mirror.name for mirror in options["mirrors"]] == ["debian", "gentoo"]
     root = makeService(options).resource
     assert isinstance(root, MirrorsResource)
-    debian, gentoo = root.mirrors["debian"], root.mirrors["gentoo"]
+    debian, gentoo = root.mirrors["debian"].tree, root.mirrors["gentoo"].tree
     assert [str(s) for s in debian.upstream.sources] == ["http://a.example/", "http://b.example/"]
     assert (debian.freshness.max_age, gentoo.freshness.max_age) == (10.0, 40.0)
     assert debian.freshness.is_volatile(key("/dists/stable/InRelease"))

@@ -13,12 +13,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.python.filepath import FilePath
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from pkgcache.kinds.npm import PackageDocumentRewriter
 from pkgcache.mirrors import Mirror
 from pkgcache.paths import CacheKey, UnsafePath
-from pkgcache.root import MirrorsResource
+from pkgcache.root import MirrorResource, MirrorsResource
 from pkgcache.service import CacheService
 from pkgcache.sources import Source
 from tests.conftest import fetch, wait_for
@@ -176,3 +177,31 @@ async def test_links_follow_the_host_the_client_used_or_the_public_url(origin, h
     behind = serve(origin.url, public_url="https://cache.example/")
     _, served = await fetch(http, behind + "/npm/left-pad")
     assert b'"https://cache.example/npm/@acme/left-pad/-/left-pad-1.0.0.tgz"' in served
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_mirror_mounted_anywhere_links_below_its_mount_point(origins, http, tmp_path):
+    registry, tarballs = origins(), origins()
+    registry.add("/left-pad", document(registry.url, tarballs.url), content_type=b"application/json")
+    registry.add("/@acme/left-pad/-/left-pad-1.0.0.tgz", b"from the registry")
+    tarballs.add("/@acme/left-pad/-/left-pad-1.1.0.tgz", b"from the tarball host")
+    mirror = Mirror("js", (Source(registry.url),), "npm", files=(Source(tarballs.url),))
+    site = Resource()
+    site.putChild(b"js", MirrorResource(mirror, FilePath(str(tmp_path / "cache"))))
+    service = CacheService(site.children[b"js"])
+    service.startService()
+    port = reactor.listenTCP(0, Site(site), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        moved, _ = await fetch(http, url + "/js")
+        assert moved.headers.getRawHeaders(b"location") == [b"/js/"]
+        _, served = await fetch(http, url + "/js/left-pad")
+        links = [v["dist"]["tarball"] for v in json.loads(served)["versions"].values()]
+        assert links[:2] == [url + "/js/@acme/left-pad/-/left-pad-1.0.0.tgz",
+                             url + "/js/files/@acme/left-pad/-/left-pad-1.1.0.tgz"]
+        assert [(await fetch(http, link))[1] for link in links[:2]] == [
+            b"from the registry", b"from the tarball host"]
+        await wait_for(lambda: (tmp_path / "cache/files/@acme/left-pad/-/left-pad-1.1.0.tgz").exists())
+    finally:
+        await port.stopListening()
+        await service.stopService()
