@@ -318,7 +318,9 @@ class PackageCacheResource(Resource):
         volatile: bool,
         revalidation: Optional["_Revalidation"],
     ) -> None:
-        if request.method == b"HEAD" and revalidation is None:
+        rewritten = self._rewriter is not None and self._rewriter.applies(key)
+        if request.method == b"HEAD" and revalidation is None and not rewritten:
+            # (A rewritten document's length is known only once it is.)
             answering = self._head_miss(request, key, record)
         else:
             answering = self._get_miss(request, key, record, volatile, revalidation)

@@ -205,3 +205,13 @@ async def test_one_mirror_mounted_anywhere_links_below_its_mount_point(origins, 
     finally:
         await port.stopListening()
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_of_a_document_gives_the_length_of_the_rewritten_one(origin, http, serve):
+    origin.add("/left-pad", document(origin.url, origin.url), content_type=b"application/json")
+    url = serve(origin.url)
+    head, _ = await fetch(http, url + "/npm/left-pad", method="HEAD")
+    _, served = await fetch(http, url + "/npm/left-pad")
+    assert head.headers.getRawHeaders(b"content-length") == [str(len(served)).encode()]
+    assert len(served) != len(document(origin.url, origin.url))
