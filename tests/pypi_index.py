@@ -1,20 +1,41 @@
 """
-A local PEP 503 "simple" package index that a test can change while it runs,
-and a runner for the real ``pip`` against it.
+A local "simple" package index (PEP 503 HTML, PEP 691 JSON, PEP 658
+metadata) that a test can change while it runs, and runners for the real
+``pip`` and ``uv`` against it.
 
 :class:`PackageIndexServer` serves, on 127.0.0.1:
 
-- ``/simple/``: every project, as ``<a href="NAME/">``;
+- ``/simple/``: every project;
 - ``/simple/NAME/`` (``NAME`` normalized, as PEP 503 says): the project's
   wheels, as ``<a href="../../files/FILE#sha256=HEX">``, relative links on
-  the same host, with ``data-requires-python`` where a release has one;
+  the same host, with ``data-requires-python`` where a release has one and
+  ``data-yanked`` where it was yanked (:meth:`PackageIndex.yank`);
 - ``/files/FILE``: the wheel's bytes.
+
+Both pages come as the real index sends them, by the request's ``Accept``
+(q-values weighed, the most specific range winning; no ``Accept``, or
+nothing acceptable: HTML): ``text/html``,
+``application/vnd.pypi.simple.v1+html`` or, to a client that prefers it
+(pip and uv do), PEP 691 JSON, ``application/vnd.pypi.simple.v1+json``,
+whose ``files`` entries carry ``filename``, ``url``, ``hashes``
+(``sha256``), ``requires-python``, ``yanked``, ``size``, ``upload-time``,
+``core-metadata`` and ``dist-info-metadata``.  Each representation has its
+own ``ETag``; every page carries ``Vary: Accept``.
+
+With ``core_metadata=True`` the index offers each wheel's ``METADATA`` as
+PEP 658 / PEP 714 say: ``data-core-metadata="sha256=HEX"`` and
+``data-dist-info-metadata="sha256=HEX"`` on the links, ``{"sha256": HEX}``
+in JSON (else ``false``), and ``FILE.metadata`` is served next to every
+wheel (pip 22.3+ and uv then read it instead of the wheel to resolve).  It
+is off by default: a plain PEP 503 index, to which pip sends one request
+per wheel.
 
 Or, as the real index does, with its files on another host: given a
 :class:`FilesHost` (``PackageIndexServer(files_host=FilesHost())``), the
 project pages link to each wheel with an ABSOLUTE URL,
-``FILES_URL/packages/HH/HH/FILE#sha256=HEX`` (a hash-ish path), and only
-that second server on 127.0.0.1 serves the wheels (the index's own
+``FILES_URL/packages/HH/HH/FILE#sha256=HEX`` (a hash-ish path; the same
+URL, without the fragment, in JSON), and only that second server on
+127.0.0.1 serves the wheels and their ``.metadata`` (the index's own
 ``/files/`` is then a 404).  It records its requests as the index does.
 
 Like the indexes pip meets in the wild, ``/simple/NAME`` (no trailing
@@ -22,24 +43,31 @@ slash) and ``/simple/Not_Normalized/`` are answered with a 301 to
 ``/simple/name/``, and every answer carries ``ETag`` and ``Last-Modified``
 and honours ``If-None-Match`` / ``If-Modified-Since`` with a 304, so that a
 cache's conditional revalidation can be tested.  Every request is recorded
-with its headers and the status it got.
+with its headers, the status it got and the type of what it was answered.
 
 The wheels are real (a module, ``METADATA``, ``WHEEL`` and a ``RECORD``
 with correct hashes), built in memory, byte-for-byte the same each time:
-pip installs them.
+pip and uv install them.
 
-:class:`Pip` runs ``python -m pip`` from this interpreter's environment as a
-subprocess on the reactor, isolated from every pip configuration and
-environment variable of the machine, installing only into a ``--target``
-directory, and killed if it outlives its timeout.
+:class:`Pip` runs ``python -m pip`` from this interpreter's environment,
+and :class:`Uv` the ``uv`` next to it, as subprocesses on the reactor,
+isolated from every configuration and environment variable of the
+machine, installing only into a ``--target`` directory, and killed if they
+outlive their timeout.
+
+:func:`start_pypi_mirror` puts a pkgcache ``pypi`` mirror (a
+``MirrorsResource``) in front of an index, recording what its clients send
+it (:class:`RecordingSite`).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
+import json
 import os
 import re
 import sys
@@ -47,12 +75,13 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.python.filepath import FilePath
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -60,6 +89,18 @@ from twisted.web.server import Request, Site
 #: The date inside every wheel's zip entries, so that a wheel built twice is
 #: the same bytes (and so the same ``sha256``).
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
+
+#: The representations of a page, as the index names them in ``Content-Type``.
+TEXT_HTML = b"text/html"
+V1_HTML = b"application/vnd.pypi.simple.v1+html"
+V1_JSON = b"application/vnd.pypi.simple.v1+json"
+#: What the index offers, in its order of preference when a client likes
+#: several as much (``*/*``: HTML, as the real index).
+_OFFERS = (TEXT_HTML, V1_HTML, V1_JSON)
+_ALIASES = {
+    b"application/vnd.pypi.simple.latest+html": V1_HTML,
+    b"application/vnd.pypi.simple.latest+json": V1_JSON,
+}
 
 
 def normalize(name: str) -> str:
@@ -105,6 +146,13 @@ def build_wheel(name: str, version: str, requires_python: Optional[str] = None) 
     return f"{distribution}-{version}-py3-none-any.whl", buffer.getvalue()
 
 
+def wheel_metadata(data: bytes) -> bytes:
+    """The ``METADATA`` inside a wheel's bytes (what PEP 658 serves as ``FILE.metadata``)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        [path] = [n for n in archive.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
+        return archive.read(path)
+
+
 @dataclass
 class Release:
     """One version of a project, as one wheel."""
@@ -116,10 +164,21 @@ class Release:
     requires_python: Optional[str] = None
     #: ``Last-Modified`` of the wheel: when it was published.
     modified: int = 0
+    #: ``None``: not yanked; else yanked, with this reason (maybe ``""``).
+    yanked: Optional[str] = None
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
+
+    @functools.cached_property
+    def metadata(self) -> bytes:
+        """The wheel's ``METADATA``: the body of ``FILE.metadata``."""
+        return wheel_metadata(self.data)
+
+    @property
+    def metadata_sha256(self) -> str:
+        return hashlib.sha256(self.metadata).hexdigest()
 
     @property
     def path(self) -> str:
@@ -136,6 +195,11 @@ class Release:
         digest = hashlib.blake2b(self.data, digest_size=32).hexdigest()
         return f"/packages/{digest[:2]}/{digest[2:4]}/{self.filename}"
 
+    @property
+    def hosted_metadata_path(self) -> str:
+        """Where a :class:`FilesHost` serves the wheel's ``METADATA`` (PEP 658)."""
+        return self.hosted_path + ".metadata"
+
 
 @dataclass
 class Project:
@@ -147,16 +211,24 @@ class Project:
 
 @dataclass
 class IndexRequest:
-    """A request the index got, and the status it answered."""
+    """A request a server got, and how it answered."""
 
     method: bytes
     path: str
     headers: dict[bytes, list[bytes]]
     status: int = 0
+    #: The type of the document it answered with (on a 304 too); ``None``
+    #: for an error or a redirect.
+    content_type: Optional[bytes] = None
 
     def header(self, name: bytes) -> Optional[bytes]:
         values = self.headers.get(name.lower())
         return values[0] if values else None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether it carried a validator (``If-None-Match``, ``If-Modified-Since``)."""
+        return bool(self.header(b"if-none-match") or self.header(b"if-modified-since"))
 
 
 @dataclass
@@ -176,6 +248,59 @@ def _etag_matches(header: bytes, etag: bytes) -> bool:
         return True
     strip = lambda tag: tag.strip().removeprefix(b"W/")  # noqa: E731
     return any(strip(tag) == strip(etag) for tag in header.split(b","))
+
+
+def accept_ranges(accept: bytes) -> list[tuple[bytes, float]]:
+    """
+    The media ranges of an ``Accept`` header with their ``q`` (1 if not
+    given, 0 if not a number, clamped to 0..1), lower-cased, parameters
+    other than ``q`` dropped, PyPI's ``latest`` aliases made ``v1``.
+    """
+    ranges = []
+    for item in accept.split(b","):
+        media_range, *parameters = (part.strip() for part in item.split(b";"))
+        if not media_range:
+            continue
+        q = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition(b"=")
+            if name.strip().lower() == b"q":
+                try:
+                    q = min(max(float(value.strip()), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        media_range = media_range.lower()
+        ranges.append((_ALIASES.get(media_range, media_range), q))
+    return ranges
+
+
+def _quality(offer: bytes, ranges: Sequence[tuple[bytes, float]]) -> float:
+    """``offer``'s q: that of the most specific range it matches (RFC 9110 §12.5.1)."""
+    major = offer.split(b"/")[0] + b"/*"
+    best: tuple[int, float] = (-1, 0.0)
+    for media_range, q in ranges:
+        specificity = {offer: 2, major: 1, b"*/*": 0}.get(media_range)
+        if specificity is not None and (specificity, q) > best:
+            best = (specificity, q)
+    return best[1]
+
+
+def negotiate(accept: Optional[bytes]) -> bytes:
+    """
+    The representation of a page (its ``Content-Type``) for a request's
+    ``Accept``: the offer of the highest q, on a tie the index's preferred
+    (HTML first); HTML when there is no ``Accept`` or nothing in it is
+    acceptable, as the real index answers.
+    """
+    if accept is None or not accept.strip():
+        return TEXT_HTML
+    ranges = accept_ranges(accept)
+    chosen, chosen_q = TEXT_HTML, 0.0
+    for offer in _OFFERS:
+        q = _quality(offer, ranges)
+        if q > chosen_q:
+            chosen, chosen_q = offer, q
+    return chosen
 
 
 class _RecordingResource(Resource):
@@ -206,13 +331,13 @@ class _RecordingResource(Resource):
             {name.lower(): list(values) for name, values in request.requestHeaders.getAllRawHeaders()},
         )
         self.requests.append(record)
-        body = self._answer(request, record.path)
+        body = self._answer(request, record)
         record.status = request.code
         return body
 
     render_HEAD = render_GET
 
-    def _answer(self, request: Request, path: str) -> bytes:
+    def _answer(self, request: Request, record: IndexRequest) -> bytes:
         raise NotImplementedError
 
     @staticmethod
@@ -221,8 +346,11 @@ class _RecordingResource(Resource):
         request.setHeader(b"content-type", b"text/plain")
         return b"not here\n"
 
-    def _send(self, request: Request, document: _Document, headers: dict) -> bytes:
+    def _send(
+        self, request: Request, record: IndexRequest, document: _Document, headers: dict
+    ) -> bytes:
         etag = document.etag
+        record.content_type = document.content_type
         request.setHeader(b"etag", etag)
         request.setHeader(b"last-modified", http.datetimeToString(document.modified))
         for name, value in headers.items():
@@ -233,6 +361,15 @@ class _RecordingResource(Resource):
         request.setHeader(b"content-type", document.content_type)
         request.setHeader(b"content-length", b"%d" % (len(document.body),))
         return document.body
+
+    def _send_release_file(
+        self, request: Request, record: IndexRequest, release: Release, metadata: bool
+    ) -> bytes:
+        """A wheel's bytes, or (``metadata``) its ``METADATA``'s."""
+        body = release.metadata if metadata else release.data
+        return self._send(
+            request, record, _Document(body, b"application/octet-stream", release.modified), {}
+        )
 
     @staticmethod
     def _not_modified(request: Request, etag: bytes, modified: int) -> bool:
@@ -250,26 +387,46 @@ class _RecordingResource(Resource):
         return False
 
 
+def _file_downloads(requests: Sequence[IndexRequest], metadata: bool) -> dict[str, int]:
+    """Bodies sent (200 answers to a GET) of wheels, or of ``.metadata`` files, by file name."""
+    counts: dict[str, int] = {}
+    for r in requests:
+        name = r.path.rsplit("/", 1)[-1]
+        if (
+            r.method == b"GET" and r.status == http.OK and r.content_type is not None
+            and name.endswith(".metadata") == metadata
+        ):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 class FilesResource(_RecordingResource):
     """
     A files host: ``/packages/HH/HH/FILE`` (a release's
-    :attr:`Release.hosted_path`) is the wheel's bytes; anything else a 404.
+    :attr:`Release.hosted_path`) is the wheel's bytes, and
+    ``/packages/HH/HH/FILE.metadata`` its ``METADATA``; anything else a 404.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.files: dict[str, Release] = {}
+        #: Bodies sent instead of the real ones, by path (a corrupted file).
+        self.tampered: dict[str, bytes] = {}
 
     def add(self, release: Release) -> None:
         self.files[release.hosted_path] = release
 
-    def _answer(self, request: Request, path: str) -> bytes:
-        release = self.files.get(path)
+    def _answer(self, request: Request, record: IndexRequest) -> bytes:
+        path = record.path
+        metadata = path.endswith(".metadata")
+        release = self.files.get(path[: -len(".metadata")] if metadata else path)
         if release is None:
             return self._not_found(request)
-        return self._send(request, _Document(
-            release.data, b"application/octet-stream", release.modified
-        ), {})
+        if path in self.tampered:
+            return self._send(request, record, _Document(
+                self.tampered[path], b"application/octet-stream", release.modified
+            ), {})
+        return self._send_release_file(request, record, release, metadata)
 
 
 class FilesHost:
@@ -295,6 +452,10 @@ class FilesHost:
         """The absolute URL of ``release``'s wheel here (no fragment)."""
         return self.url + release.hosted_path.lstrip("/")
 
+    def tamper(self, release: Release, data: bytes) -> None:
+        """Serve ``data`` as ``release``'s wheel from now on (its hash no longer matches)."""
+        self.resource.tampered[release.hosted_path] = data
+
     @property
     def requests(self) -> list[IndexRequest]:
         return self.resource.requests
@@ -310,13 +471,12 @@ class FilesHost:
         return counts
 
     def downloads(self) -> dict[str, int]:
-        """Wheel bodies sent, by file name (full 200 answers to a GET)."""
-        counts: dict[str, int] = {}
-        for r in self.requests:
-            if r.method == b"GET" and r.status == http.OK:
-                name = r.path.rsplit("/", 1)[-1]
-                counts[name] = counts.get(name, 0) + 1
-        return counts
+        """Wheel bodies sent, by file name (full 200 answers to a GET; no ``.metadata``)."""
+        return _file_downloads(self.requests, metadata=False)
+
+    def metadata_downloads(self) -> dict[str, int]:
+        """``FILE.metadata`` bodies sent, by name (``FILE.metadata``)."""
+        return _file_downloads(self.requests, metadata=True)
 
     async def stop(self) -> None:
         if self.port.connected:
@@ -330,14 +490,16 @@ class PackageIndex(_RecordingResource):
 
     :param files_host: where the wheels are, if not here: the pages then
         link to them there, by absolute URL, and ``/files/`` is a 404.
+    :param core_metadata: offer each wheel's ``METADATA`` (PEP 658).
     :ivar requests: every request, in order.
     :ivar page_headers: extra headers on the ``/simple/`` pages (say a
         ``Cache-Control``); none by default.
     """
 
-    def __init__(self, files_host: Optional["FilesHost"] = None) -> None:
+    def __init__(self, files_host: Optional["FilesHost"] = None, *, core_metadata: bool = False) -> None:
         super().__init__()
         self.files_host = files_host
+        self.core_metadata = core_metadata
         self.projects: dict[str, Project] = {}
         self.files: dict[str, Release] = {}
         self.page_headers: dict[bytes, bytes] = {}
@@ -370,25 +532,35 @@ class PackageIndex(_RecordingResource):
             self.files_host.add(release)
         return release
 
+    def yank(self, name: str, version: str, reason: str = "") -> Release:
+        """Yank (PEP 592) ``version`` of ``name``: its page says so at once."""
+        project = self.projects[normalize(name)]
+        [release] = [r for r in project.releases if r.version == version]
+        release.yanked = reason
+        project.modified = self._next_modified(project.modified)
+        return release
+
     def downloads(self) -> dict[str, int]:
-        """Wheel bodies sent, by file name (full 200 answers to a GET)."""
-        counts: dict[str, int] = {}
-        for r in self.requests:
-            if r.method == b"GET" and r.status == http.OK and r.path.startswith("/files/"):
-                name = r.path[len("/files/"):]
-                counts[name] = counts.get(name, 0) + 1
-        return counts
+        """Wheel bodies sent, by file name (full 200 answers to a GET; no ``.metadata``)."""
+        return _file_downloads([r for r in self.requests if r.path.startswith("/files/")], False)
+
+    def metadata_downloads(self) -> dict[str, int]:
+        """``FILE.metadata`` bodies sent from ``/files/``, by name (``FILE.metadata``)."""
+        return _file_downloads([r for r in self.requests if r.path.startswith("/files/")], True)
 
     def page_requests(self) -> list[IndexRequest]:
         """The requests for ``/simple/`` pages."""
         return [r for r in self.requests if r.path.startswith("/simple")]
 
-    def _answer(self, request: Request, path: str) -> bytes:
-        segments = path.split("/")[1:]
+    def _answer(self, request: Request, record: IndexRequest) -> bytes:
+        segments = record.path.split("/")[1:]
         if segments == ["simple"]:
             return self._redirect(request, "/simple/")
+        accept = request.requestHeaders.getRawHeaders(b"accept")
+        representation = negotiate(b",".join(accept) if accept else None)
+        headers = {b"vary": b"Accept", **self.page_headers}
         if segments == ["simple", ""]:
-            return self._send(request, self._root_page(), self.page_headers)
+            return self._send(request, record, self._root_page(representation), headers)
         if segments[:1] == ["simple"] and segments[1] and segments[2:] in ([], [""]):
             name = segments[1]
             if len(segments) == 2 or name != normalize(name):
@@ -396,13 +568,14 @@ class PackageIndex(_RecordingResource):
                 return self._redirect(request, f"/simple/{normalize(name)}/")
             project = self.projects.get(name)
             if project is not None:
-                return self._send(request, self._project_page(project), self.page_headers)
+                return self._send(
+                    request, record, self._project_page(project, representation), headers
+                )
         elif segments[:1] == ["files"] and len(segments) == 2 and self.files_host is None:
-            release = self.files.get(segments[1])
+            metadata = segments[1].endswith(".metadata")
+            release = self.files.get(segments[1][: -len(".metadata")] if metadata else segments[1])
             if release is not None:
-                return self._send(request, _Document(
-                    release.data, b"application/octet-stream", release.modified
-                ), {})
+                return self._send_release_file(request, record, release, metadata)
         return self._not_found(request)
 
     def _redirect(self, request: Request, path: str) -> bytes:
@@ -412,33 +585,77 @@ class PackageIndex(_RecordingResource):
         request.setHeader(b"content-type", b"text/plain")
         return b"moved\n"
 
-    def _root_page(self) -> _Document:
-        links = "".join(
-            f'    <a href="{html.escape(key)}/">{html.escape(project.name)}</a><br>\n'
-            for key, project in sorted(self.projects.items())
-        )
-        return _Document(_page("Simple index", links), b"text/html; charset=utf-8",
-                         self._root_modified)
+    def _root_page(self, representation: bytes) -> _Document:
+        projects = sorted(self.projects.items())
+        if representation == V1_JSON:
+            body = _json({
+                "meta": {"api-version": "1.1"},
+                "projects": [{"name": project.name} for _, project in projects],
+            })
+        else:
+            body = _page("Simple index", "".join(
+                f'    <a href="{html.escape(key)}/">{html.escape(project.name)}</a><br>\n'
+                for key, project in projects
+            ))
+        return _Document(body, _content_type(representation), self._root_modified)
 
-    def _project_page(self, project: Project) -> _Document:
-        lines = []
-        for release in project.releases:
-            if self.files_host is None:
-                href = f"../../files/{release.filename}"
-            else:
-                href = self.files_host.url_of(release)
-            attributes = f'href="{html.escape(href)}#sha256={release.sha256}"'
-            if release.requires_python:
-                attributes += f' data-requires-python="{html.escape(release.requires_python)}"'
-            lines.append(f"    <a {attributes}>{html.escape(release.filename)}</a><br>\n")
-        return _Document(_page(f"Links for {project.name}", "".join(lines)),
-                         b"text/html; charset=utf-8", project.modified)
+    def _url_of(self, release: Release) -> str:
+        if self.files_host is None:
+            return f"../../files/{release.filename}"
+        return self.files_host.url_of(release)
+
+    def _project_page(self, project: Project, representation: bytes) -> _Document:
+        if representation == V1_JSON:
+            body = _json({
+                "meta": {"api-version": "1.1"},
+                "name": normalize(project.name),
+                "versions": list(dict.fromkeys(r.version for r in project.releases)),
+                "files": [self._json_file(release) for release in project.releases],
+            })
+        else:
+            body = _page(f"Links for {project.name}", "".join(
+                self._html_link(release) for release in project.releases
+            ))
+        return _Document(body, _content_type(representation), project.modified)
+
+    def _html_link(self, release: Release) -> str:
+        attributes = f'href="{html.escape(self._url_of(release))}#sha256={release.sha256}"'
+        if release.requires_python:
+            attributes += f' data-requires-python="{html.escape(release.requires_python)}"'
+        if release.yanked is not None:
+            attributes += f' data-yanked="{html.escape(release.yanked)}"'
+        if self.core_metadata:
+            attributes += (f' data-dist-info-metadata="sha256={release.metadata_sha256}"'
+                           f' data-core-metadata="sha256={release.metadata_sha256}"')
+        return f"    <a {attributes}>{html.escape(release.filename)}</a><br>\n"
+
+    def _json_file(self, release: Release) -> dict:
+        metadata = {"sha256": release.metadata_sha256} if self.core_metadata else False
+        return {
+            "filename": release.filename,
+            "url": self._url_of(release),
+            "hashes": {"sha256": release.sha256},
+            "requires-python": release.requires_python,
+            "yanked": (release.yanked or True) if release.yanked is not None else False,
+            "size": len(release.data),
+            "upload-time": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(release.modified)),
+            "core-metadata": metadata,
+            "dist-info-metadata": metadata,
+        }
+
+
+def _content_type(representation: bytes) -> bytes:
+    return representation + (b"; charset=utf-8" if representation == TEXT_HTML else b"")
+
+
+def _json(document: dict) -> bytes:
+    return json.dumps(document, indent=1).encode("utf-8") + b"\n"
 
 
 def _page(title: str, links: str) -> bytes:
     return (
         "<!DOCTYPE html>\n<html>\n  <head>\n"
-        '    <meta name="pypi:repository-version" content="1.0">\n'
+        '    <meta name="pypi:repository-version" content="1.1">\n'
         f"    <title>{html.escape(title)}</title>\n  </head>\n  <body>\n"
         f"    <h1>{html.escape(title)}</h1>\n{links}  </body>\n</html>\n"
     ).encode("utf-8")
@@ -457,9 +674,9 @@ class PackageIndexServer:
         serves them itself.  :meth:`stop` stops it too.
     """
 
-    def __init__(self, files_host: Optional[FilesHost] = None) -> None:
+    def __init__(self, files_host: Optional[FilesHost] = None, *, core_metadata: bool = False) -> None:
         self.files_host = files_host
-        self.index = PackageIndex(files_host)
+        self.index = PackageIndex(files_host, core_metadata=core_metadata)
         site = Site(self.index)
         site.log = lambda request: None
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -469,6 +686,9 @@ class PackageIndexServer:
     def add_release(self, name: str, version: str, requires_python: Optional[str] = None) -> Release:
         return self.index.add_release(name, version, requires_python)
 
+    def yank(self, name: str, version: str, reason: str = "") -> Release:
+        return self.index.yank(name, version, reason)
+
     def count(self, path: str, method: bytes = b"GET", status: Optional[int] = None) -> int:
         return self.index.count(path, method, status)
 
@@ -477,9 +697,17 @@ class PackageIndexServer:
             return self.files_host.downloads()
         return self.index.downloads()
 
+    def metadata_downloads(self) -> dict[str, int]:
+        if self.files_host is not None:
+            return self.files_host.metadata_downloads()
+        return self.index.metadata_downloads()
+
     @property
     def requests(self) -> list[IndexRequest]:
         return self.index.requests
+
+    def page_requests(self) -> list[IndexRequest]:
+        return self.index.page_requests()
 
     async def stop(self) -> None:
         if self.port.connected:
@@ -488,23 +716,105 @@ class PackageIndexServer:
             await self.files_host.stop()
 
 
+# pkgcache in front of an index.
+
+
+class RecordingSite(Site):
+    """
+    A ``Site`` that records every request it answered, as an
+    :class:`IndexRequest` with the answer's ``Content-Type``: what pip or uv
+    sent to pkgcache and what they got.
+    """
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.requests: list[IndexRequest] = []
+
+    def log(self, request: Request) -> None:
+        headers = {name.lower(): list(values) for name, values in request.requestHeaders.getAllRawHeaders()}
+        [content_type] = request.responseHeaders.getRawHeaders(b"content-type", [None])
+        self.requests.append(IndexRequest(
+            request.method, request.path.decode("utf-8", "replace"), headers, request.code,
+            content_type,
+        ))
+
+
+@dataclass
+class PypiMirror:
+    """A ``MirrorsResource`` with one pypi mirror, ``pypi``, on 127.0.0.1."""
+
+    url: str
+    cache: Path
+    #: Every request pkgcache answered.
+    site: RecordingSite
+
+    @property
+    def index_url(self) -> str:
+        return self.url + "/pypi/simple/"
+
+    @property
+    def requests(self) -> list[IndexRequest]:
+        return self.site.requests
+
+    def cached(self, release: Release) -> Path:
+        """Where the cache keeps ``release``'s wheel from the files host."""
+        return self.cache / "pypi" / "files" / release.hosted_path.lstrip("/")
+
+    def cached_metadata(self, release: Release) -> Path:
+        return self.cache / "pypi" / "files" / release.hosted_metadata_path.lstrip("/")
+
+
+def start_pypi_mirror(index: PackageIndexServer, cache_dir: Path, clock, max_age: float):
+    """
+    A pypi mirror of ``index`` (its files from ``index.files_host``) with
+    pages fresh for ``max_age`` by ``clock``: ``(PypiMirror, stop)``,
+    ``stop()`` a coroutine that stops it.
+    """
+    from pkgcache.mirrors import Mirror
+    from pkgcache.root import MirrorsResource
+    from pkgcache.service import CacheService
+    from pkgcache.sources import Source
+
+    root = MirrorsResource(
+        [Mirror("pypi", (Source(index.url),), "pypi", files=(Source(index.files_host.url),))],
+        cache_dir=FilePath(str(cache_dir)),
+        clock=clock,
+        volatile_max_age=max_age,
+    )
+    service = CacheService(root)
+    service.startService()
+    site = RecordingSite(root)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+
+    async def stop() -> None:
+        await port.stopListening()
+        if service.running:
+            await service.stopService()
+
+    return PypiMirror(f"http://127.0.0.1:{port.getHost().port}", cache_dir, site), stop
+
+
+# The clients.
+
+
 @dataclass
 class PipResult:
-    """What one pip run did."""
+    """What one run of a client (pip, uv) did."""
 
     args: list[str]
     code: Optional[int]
     out: str
     err: str
+    tool: str = "pip"
 
     def describe(self) -> str:
-        return (f"pip {' '.join(self.args)}\nexit: {self.code}\n"
+        return (f"{self.tool} {' '.join(self.args)}\nexit: {self.code}\n"
                 f"--- stdout\n{self.out}\n--- stderr\n{self.err}")
 
     def check(self) -> "PipResult":
-        """This result, if pip succeeded; else an ``AssertionError`` with its output."""
+        """This result, if the client succeeded; else an ``AssertionError`` with its output."""
         if self.code != 0:
-            raise AssertionError("pip failed:\n" + self.describe())
+            raise AssertionError(f"{self.tool} failed:\n" + self.describe())
         return self
 
 
@@ -524,6 +834,42 @@ class _PipProtocol(ProcessProtocol):
         # exitCode is None when a signal ended it.
         code = reason.value.exitCode if reason.check(ProcessTerminated) else 0
         self.ended.callback(code)
+
+
+async def _run_process(
+    tool: str, argv: list[str], env: dict[str, str], cwd: Path, timeout: float
+) -> PipResult:
+    """
+    ``argv`` on the reactor (never blocking it): its result, whatever its
+    exit; killed (``SIGKILL``) after ``timeout`` seconds, and then an
+    ``AssertionError`` with what it had written.
+    """
+    protocol = _PipProtocol()
+    process = reactor.spawnProcess(protocol, argv[0], argv, env=env, path=str(cwd))
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        process.signalProcess("KILL")
+
+    timer = reactor.callLater(timeout, expire)
+    try:
+        code = await protocol.ended
+    finally:
+        if timer.active():
+            timer.cancel()
+        if not protocol.ended.called:
+            # The test gave up on this run (cancelled): leave nothing running.
+            process.signalProcess("KILL")
+    result = PipResult(
+        argv[1:], code,
+        b"".join(protocol.out).decode("utf-8", "replace"),
+        b"".join(protocol.err).decode("utf-8", "replace"),
+        tool,
+    )
+    if expired:
+        raise AssertionError(f"{tool} was killed after {timeout} s:\n" + result.describe())
+    return result
 
 
 class Pip:
@@ -582,34 +928,10 @@ class Pip:
 
     async def run(self, *args: str) -> PipResult:
         """Run ``pip ARGS`` (no options added); its result, whatever its exit."""
-        protocol = _PipProtocol()
         argv = [sys.executable, "-m", "pip", *args]
-        process = reactor.spawnProcess(
-            protocol, sys.executable, argv, env=self._env(), path=str(self.workdir)
-        )
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            process.signalProcess("KILL")
-
-        timer = reactor.callLater(self.timeout, expire)
-        try:
-            code = await protocol.ended
-        finally:
-            if timer.active():
-                timer.cancel()
-            if not protocol.ended.called:
-                # The test gave up on this run (cancelled): leave nothing running.
-                process.signalProcess("KILL")
-        result = PipResult(
-            list(args), code,
-            b"".join(protocol.out).decode("utf-8", "replace"),
-            b"".join(protocol.err).decode("utf-8", "replace"),
-        )
+        result = await _run_process("pip", argv, self._env(), self.workdir, self.timeout)
+        result.args = list(args)
         self.runs.append(result)
-        if expired:
-            raise AssertionError(f"pip was killed after {self.timeout} s:\n" + result.describe())
         return result
 
     async def download(self, index_url: str, *requirements: str) -> list[str]:
@@ -635,6 +957,97 @@ class Pip:
             "install", *self.COMMON, "--index-url", index_url, "--target", str(target),
             "--no-compile", "--no-warn-script-location", *requirements,
         )).check()
+        return target
+
+
+def uv_binary() -> Path:
+    """
+    The ``uv`` of this virtualenv (next to ``sys.executable``; the ``test``
+    extra installs it); a clear failure if it is missing.
+    """
+    path = Path(sys.executable).parent / "uv"
+    if not os.access(path, os.X_OK):
+        raise AssertionError(
+            f"uv is not installed: no {path} (it is in the test extra: pip install '.[test]')"
+        )
+    return path
+
+
+class Uv:
+    """
+    The real uv (:func:`uv_binary`), one clean client: its own cache
+    (``UV_CACHE_DIR``), so that a new ``Uv`` knows nothing another learnt.
+
+    Every run is isolated from the machine: ``--no-config`` (no
+    ``uv.toml``, no ``pyproject.toml``), a private ``HOME``, ``TMPDIR`` and
+    XDG directories, no proxy variables, no Python downloads, no builds
+    (wheels only), one attempt with a 10 s network timeout; the index URL
+    given is the only host it is told of.  Nothing is installed into the
+    virtualenv: ``install`` uses ``--target`` (with this interpreter as the
+    Python to install for).
+
+    :param workdir: an empty directory of the test's, for the cache, the
+        targets and uv's home.
+    :param timeout: seconds a run may take; then it is killed.
+    """
+
+    def __init__(self, workdir: Path, timeout: float = 30.0) -> None:
+        self.binary = uv_binary()
+        self.workdir = workdir
+        self.timeout = timeout
+        self.runs: list[PipResult] = []
+        self.cache = workdir / "cache"
+        self._count = 0
+        self._home = workdir / "home"
+        self._tmp = workdir / "tmp"
+        for path in (self.cache, self._home, self._tmp):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self._home),
+            "TMPDIR": str(self._tmp),
+            "XDG_CONFIG_HOME": str(self._home / ".config"),
+            "XDG_CACHE_HOME": str(self._home / ".cache"),
+            "XDG_DATA_HOME": str(self._home / ".local" / "share"),
+            "LC_ALL": "C.UTF-8",
+            "UV_CACHE_DIR": str(self.cache),
+            "UV_NO_CONFIG": "1",
+            "UV_PYTHON_DOWNLOADS": "never",
+            "UV_HTTP_TIMEOUT": "10",
+            "UV_HTTP_RETRIES": "0",
+            "UV_NO_PROGRESS": "1",
+            "UV_LINK_MODE": "copy",
+            "NO_COLOR": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+
+    async def run(self, *args: str) -> PipResult:
+        """Run ``uv ARGS`` (no options added); its result, whatever its exit."""
+        argv = [str(self.binary), *args]
+        result = await _run_process("uv", argv, self._env(), self.workdir, self.timeout)
+        self.runs.append(result)
+        return result
+
+    async def try_install(self, index_url: str, *requirements: str) -> tuple[PipResult, Path]:
+        """
+        ``uv pip install --target`` a new directory, of ``requirements``
+        from ``index_url``: the result, whatever uv's exit, and that directory.
+        """
+        self._count += 1
+        target = self.workdir / f"target-{self._count}"
+        result = await self.run(
+            "pip", "install", "--no-config", "--python", sys.executable,
+            "--no-python-downloads", "--target", str(target), "--index-url", index_url,
+            "--no-build", "--color", "never", *requirements,
+        )
+        return result, target
+
+    async def install(self, index_url: str, *requirements: str) -> Path:
+        """:meth:`try_install`'s directory; fails if uv does."""
+        result, target = await self.try_install(index_url, *requirements)
+        result.check()
         return target
 
 
