@@ -142,3 +142,14 @@ def _urls(where: str, key: str, value: Any) -> tuple[Source, ...]:
         return tuple(Source(url) for url in value)
     except ValueError as error:
         raise ConfigError(f"{where}: {error}") from None
+
+
+def mirror_from_table(where: str, name: str, table: Any) -> Mirror:
+    """
+    A mirror given as a ``[mirrors.NAME]`` table's keys, from anywhere but
+    a file (``--mirror``), checked exactly as a file's tables are.
+
+    :param where: what gave it, the start of each error's message.
+    :raises ConfigError: as :func:`load_config` does for such a table.
+    """
+    return _mirror(where, name, table)

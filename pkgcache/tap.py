@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from pkgcache.accesslog import AccessLog
 from pkgcache.freshness import DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR
-from pkgcache.mirrors import ConfigError, load_config
+from pkgcache.mirrors import KINDS, ConfigError, Mirror, load_config, mirror_from_table
 from pkgcache.sizes import parse_size
 from pkgcache.resource import PackageCacheResource
 from pkgcache.root import MirrorsResource
@@ -74,20 +76,24 @@ class Options(usage.Options):
     Options for ``twist pkgcache``.
     """
 
-    synopsis = "--source URL [--source URL ...] [options]"
+    synopsis = (
+        "(--source URL ... | --mirror NAME[:KIND]=URL[,URL...] ... | --config FILE) [options]"
+    )
     longdesc = (
         "A caching reverse proxy for package downloads. A request for /PATH "
         "is answered from CACHE-DIR/PATH, or fetched from SOURCE/PATH of the "
         "first source that has it (in the order given), streamed to the "
-        "client and stored."
+        "client and stored. With --mirror (or [mirrors.NAME] in --config), "
+        "several such trees share the port, each under /NAME/ and kept in "
+        "CACHE-DIR/NAME/."
     )
 
     optParameters = [
         ["config", None, None,
          "A TOML file of options (keys named as the options, e.g. cache-dir = "
          "\"/var/cache/pkgcache\", listen = [\"tcp:4000\"]) and of mirrors served "
-         "under /NAME/ ([mirrors.NAME] with sources and kind); the command line "
-         "wins over it."],
+         "under /NAME/ ([mirrors.NAME] with sources and kind; --mirror adds "
+         "more); the command line wins over it."],
         ["cache-dir", None, None,
          "Directory the cache is kept in; created if missing. "
          "[default: $XDG_CACHE_HOME/pkgcache]"],
@@ -108,6 +114,11 @@ class Options(usage.Options):
         ["access-log", None, None,
          "File to append an access log to, in the combined log format with "
          "the cache outcome appended; - for standard output."],
+        ["public-url", None, None,
+         "The absolute http(s) URL clients reach pkgcache by, behind a load "
+         "balancer or reverse proxy (e.g. https://cache.example/), for the "
+         "links that must be absolute (npm tarballs, the list of mirrors at /). "
+         "[default: the Host of each request]"],
     ]
 
     def __init__(self) -> None:
@@ -121,6 +132,10 @@ class Options(usage.Options):
         self["negative-max-age"] = DEFAULT_NEGATIVE_MAX_AGE
         self["stale-if-error"] = DEFAULT_STALE_IF_ERROR
         self["mirrors"] = []
+        #: --mirror's tables by name and --mirror-files' URLs, made mirrors
+        #: once every option is in (either may come first).
+        self._mirror_tables: dict[str, dict[str, Any]] = {}
+        self._mirror_files: dict[str, list[str]] = {}
         #: The options given on the command line (they win over --config).
         self.given: set[str] = set()
         for name, handler in list(self._dispatch.items()):
@@ -174,6 +189,27 @@ class Options(usage.Options):
         """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501
         self["listen"].append(description)
 
+    def opt_mirror(self, text: str) -> None:
+        name, kind, urls = _mirror_argument("mirror", text)
+        if name in self._mirror_tables:
+            raise usage.UsageError(f"--mirror: a mirror named {name!r} is given twice")
+        self._mirror_tables[name] = {"sources": urls, **({} if kind is None else {"kind": kind})}
+
+    opt_mirror.__doc__ = (
+        "A mirror served at /NAME/ and kept in CACHE-DIR/NAME/, as a [mirrors.NAME] table of "
+        "--config would be: NAME=URL[,URL...] (failover, in order) or NAME:KIND=URL[,URL...], "
+        f"KIND one of {', '.join(KINDS)} [default: generic]; repeatable, added to --config's."
+    )
+
+    def opt_mirror_files(self, text: str) -> None:
+        """The files host of --mirror NAME (a pypi mirror's, required; an npm mirror's, optional), its table's files: NAME=URL[,URL...] (failover, in order)."""  # noqa: E501
+        name, kind, urls = _mirror_argument("mirror-files", text)
+        if kind is not None:
+            raise usage.UsageError(f"--mirror-files {text!r}: NAME=URL[,URL...], no KIND")
+        if name in self._mirror_files:
+            raise usage.UsageError(f"--mirror-files: {name!r} is given twice")
+        self._mirror_files[name] = urls
+
     def _apply_config(self, path: str) -> None:
         try:
             config = load_config(path)
@@ -181,6 +217,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--config {error}") from None
         parameters = {parameter[0] for parameter in self.optParameters}
         for key, value in config.options.items():
+            if key in _COMMAND_LINE_ONLY:
+                raise usage.UsageError(f"--config {path}: {key!r} {_COMMAND_LINE_ONLY[key]}")
             if key in self.given:
                 continue
             handler = getattr(self, "opt_" + key.replace("-", "_"), None)
@@ -197,18 +235,48 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--config {path}: unknown key {key!r}")
         self["mirrors"] = config.mirrors
 
+    def _add_command_line_mirrors(self) -> None:
+        """
+        --mirror's mirrors after the file's, each made and checked as a
+        file's table is (its --mirror-files as the table's ``files``).
+        """
+        for name in self._mirror_files:
+            if name not in self._mirror_tables:
+                raise usage.UsageError(
+                    f"--mirror-files {name}: no --mirror {name} (a --config table gives 'files')"
+                )
+        in_file = {mirror.name for mirror in self["mirrors"]}
+        added: list[Mirror] = []
+        for name, table in self._mirror_tables.items():
+            if name in self._mirror_files:
+                table = {**table, "files": self._mirror_files[name]}
+            try:
+                added.append(mirror_from_table("--mirror", name, table))
+            except ConfigError as error:
+                raise usage.UsageError(str(error)) from None
+            if name in in_file:
+                raise usage.UsageError(
+                    f"--mirror: a mirror named {name!r} is given twice (--config {self['config']} "
+                    f"has [mirrors.{name}])"
+                )
+        self["mirrors"] = [*self["mirrors"], *added]
+
     def postOptions(self) -> None:
         if self["config"] is not None:
             self._apply_config(self["config"])
+        self._add_command_line_mirrors()
         if self["mirrors"] and self["sources"]:
             raise usage.UsageError(
-                "--source serves one tree at /, [mirrors] serve trees under /NAME/: "
-                "use one or the other"
+                "--source serves one tree at /, --mirror and [mirrors] serve trees under "
+                "/NAME/: use one or the other"
             )
         if not self["sources"] and not self["mirrors"]:
             raise usage.UsageError(
-                "at least one --source URL is required (or [mirrors.NAME] in --config)"
+                "at least one --source URL is required (or --mirror NAME=URL, or "
+                "[mirrors.NAME] in --config)"
             )
+        if self["public-url"] is not None:
+            _check_public_url(self["public-url"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:
@@ -243,6 +311,56 @@ class Options(usage.Options):
 
 #: Options given once per value; a list in --config.
 _LIST_OPTIONS = ("source", "listen", "volatile")
+
+#: Options that have no key in --config, and why: its tables say it all.
+_COMMAND_LINE_ONLY = {
+    "mirror": "is the command line's shorthand for a [mirrors.NAME] table: write the table",
+    "mirror-files": "is the command line's for a mirror's 'files': give 'files' in its "
+    "[mirrors.NAME] table",
+}
+
+
+def _mirror_argument(option: str, text: str) -> tuple[str, Optional[str], list[str]]:
+    """
+    ``NAME[:KIND]=URL[,URL...]`` in its parts, as a table would give them:
+    judging them is left to the table's checks, so that both say the same.
+    """
+    label, equals, urls = text.partition("=")
+    if not equals:
+        raise usage.UsageError(
+            f"--{option} {text!r}: "
+            + ("NAME=URL[,URL...] or NAME:KIND=URL[,URL...]" if option == "mirror"
+               else "NAME=URL[,URL...]")
+        )
+    name, colon, kind = label.partition(":")
+    sources = [url.strip() for url in urls.split(",")] if urls.strip() else []
+    return name, (kind if colon else None), sources
+
+
+def _check_public_url(text: str) -> None:
+    """
+    The URL clients reach pkgcache by starts links as it is given: it must
+    be one a client can follow, and leave room for a path after it.
+    """
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(char.isspace() or not char.isprintable() for char in text)
+    ):
+        problem = "not an absolute http:// or https:// URL"
+    elif "?" in text or "#" in text:
+        problem = "links are made below it, so it has no query or fragment"
+    elif "@" in parts.netloc:
+        problem = "links are made from it, so it has no user or password"
+    else:
+        return
+    raise usage.UsageError(f"--public-url {text!r}: {problem}")
 
 
 def _check_endpoint(option: str, description: str) -> None:
@@ -280,6 +398,7 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         volatile_max_age=config["volatile-max-age"],
         negative_max_age=config["negative-max-age"],
         stale_if_error=config["stale-if-error"],
+        public_url=config["public-url"],
     )
     if config["mirrors"]:
         resource = MirrorsResource(config["mirrors"], config["cache-dir"], **options)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -77,13 +78,28 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--negative-max-age", "soon"], "--negative-max-age: a number"),
         (["--source", "http://a/", "--stale-if-error", "-5"], "--stale-if-error: a number"),
         (["--source", "http://a/", "--stale-if-error", "inf"], "--stale-if-error: a number"),
+        (["--source", "http://a/", "--public-url", "cache.example"],
+         "--public-url 'cache.example': not an absolute http:// or https:// URL"),
+        (["--source", "http://a/", "--public-url", "/pkgcache/"], "not an absolute http"),
+        (["--source", "http://a/", "--public-url", "ftp://cache.example/"], "not an absolute http"),
+        (["--source", "http://a/", "--public-url", "https:///x"], "not an absolute http"),
+        (["--source", "http://a/", "--public-url", "https://cache.example:port/"],
+         "not an absolute http"),
+        (["--source", "http://a/", "--public-url", "https://cache.example/\nx"],
+         "not an absolute http"),
+        (["--source", "http://a/", "--public-url", "https://cache.example/?a=1"],
+         "no query or fragment"),
+        (["--source", "http://a/", "--public-url", "https://cache.example/#top"],
+         "no query or fragment"),
+        (["--source", "http://a/", "--public-url", "https://u:p@cache.example/"],
+         "no user or password"),
     ],
 )
 def test_bad_options_are_usage_errors(args, message, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(usage.UsageError) as raised:
         parse(*args)
-    assert message in str(raised.value)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_unwritable_cache_dir_is_a_usage_error(tmp_path):
@@ -148,6 +164,74 @@ def test_freshness_options_are_parsed_and_wired(tmp_path):
     assert (freshness.max_age, freshness.negative_max_age, freshness.stale_if_error) == (
         30, 60, 7 * 24 * 3600
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://cache.example/", "http://cache.example:8080", "https://proxy.example/pkgcache/"],
+)
+def test_public_url_reaches_the_resources(tmp_path, url):
+    """Links made behind a proxy start with it: every tree needs it."""
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert parse("--source", "http://a/", *cache)["public-url"] is None
+    options = parse("--source", "http://a/", "--public-url", url, *cache)
+    assert options["public-url"] == url
+    assert makeService(options).resource._public_url == url
+    options = parse("--mirror", "npm:npm=http://a/", "--public-url", url, *cache)
+    root = makeService(options).resource
+    assert root._public_url == url and root.mirrors["npm"].tree._public_url == url
+
+
+#: A value for each option's key in --config, and what it makes of it.
+CONFIG_VALUES = {
+    "cache-dir": ("{tmp}/other", lambda o: o["cache-dir"].basename() == "other"),
+    "metrics-listen": ("tcp:0:interface=127.0.0.1",
+                       lambda o: o["metrics-listen"] == "tcp:0:interface=127.0.0.1"),
+    "max-cache-size": ("1G", lambda o: o["max-cache-size"] == 1024**3),
+    "max-file-size": ("2M", lambda o: o["max-file-size"] == 2 * 1024**2),
+    "max-downloads": (3, lambda o: o["max-downloads"] == 3),
+    "access-log": ("{tmp}/access.log", lambda o: o["access-log"].endswith("/access.log")),
+    "public-url": ("https://cache.example/", lambda o: o["public-url"] == "https://cache.example/"),
+    "source": (["http://a.example/", "http://b.example/"],
+               lambda o: [str(s) for s in o["sources"]] == [
+                   "http://a.example/", "http://b.example/"]),
+    "connect-timeout": (2.5, lambda o: o["connect-timeout"] == 2.5),
+    "idle-timeout": (7, lambda o: o["idle-timeout"] == 7.0),
+    "volatile": (["\\.json$"], lambda o: o["volatile"] == ["\\.json$"]),
+    "volatile-max-age": (5, lambda o: o["volatile-max-age"] == 5.0),
+    "negative-max-age": (0, lambda o: o["negative-max-age"] == 0.0),
+    "stale-if-error": (0, lambda o: o["stale-if-error"] == 0.0),
+    "listen": (["tcp:0:interface=127.0.0.1"],
+               lambda o: o["listen"] == ["tcp:0:interface=127.0.0.1"]),
+}
+#: Options with no key in --config: about the command line itself, or
+#: shorthands for what a file says with [mirrors.NAME] tables.
+NOT_IN_CONFIG = {"config", "help", "version", "mirror", "mirror-files"}
+
+
+def test_every_option_has_its_key_in_a_config_file(tmp_path):
+    """A file can say all a command line can (so adding an option means adding it here)."""
+    names = {name.rstrip("=") for name in Options().longOpt}
+    assert names == set(CONFIG_VALUES) | NOT_IN_CONFIG
+    for name, (value, check) in CONFIG_VALUES.items():
+        if isinstance(value, str):
+            value = value.format(tmp=tmp_path)
+        lines = [f"{name} = {json.dumps(value)}"]
+        if name != "source":
+            lines.append('source = ["http://a.example/"]')
+        config = tmp_path / "pkgcache.toml"
+        config.write_text("\n".join(lines) + "\n")
+        options = parse("--config", str(config), *(
+            [] if name == "cache-dir" else ["--cache-dir", str(tmp_path / "cache")]
+        ))
+        assert check(options), name
+
+
+def test_help_tells_of_the_mirror_options():
+    text = str(Options())
+    for option in ("--mirror=", "--mirror-files=", "--public-url="):
+        assert option in text
+    assert "NAME:KIND=URL[,URL...]" in text and "https://cache.example/" in text
 
 
 def key(path: str):
