@@ -131,6 +131,7 @@ class Options(usage.Options):
         self["volatile-max-age"] = DEFAULT_MAX_AGE
         self["negative-max-age"] = DEFAULT_NEGATIVE_MAX_AGE
         self["stale-if-error"] = DEFAULT_STALE_IF_ERROR
+        self["min-revalidation-interval"] = 0.0
         self["mirrors"] = []
         #: --mirror's tables by name and --mirror-files' URLs, made mirrors
         #: once every option is in (either may come first).
@@ -184,6 +185,10 @@ class Options(usage.Options):
     def opt_stale_if_error(self, seconds: str) -> None:
         """Seconds past its freshness a volatile file is still served when no source can revalidate it (all down, timing out or failing); 0 to disable. [default: 604800, 7 days]"""  # noqa: E501
         self["stale-if-error"] = _age("stale-if-error", seconds)
+
+    def opt_min_revalidation_interval(self, seconds: str) -> None:
+        """Seconds a volatile file checked with its source is served from the cache even to a client that asks for a fresh copy (Cache-Control: no-cache or max-age=0, as apt and pip send on every index request): a LAN of such clients then costs a source one check per file per interval, not one per client; 0 to revalidate whenever a client asks. [default: 0]"""  # noqa: E501
+        self["min-revalidation-interval"] = _age("min-revalidation-interval", seconds)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501
@@ -398,6 +403,7 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         volatile_max_age=config["volatile-max-age"],
         negative_max_age=config["negative-max-age"],
         stale_if_error=config["stale-if-error"],
+        min_revalidation_interval=config["min-revalidation-interval"],
         public_url=config["public-url"],
     )
     if config["mirrors"]:

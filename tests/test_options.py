@@ -78,6 +78,8 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--negative-max-age", "soon"], "--negative-max-age: a number"),
         (["--source", "http://a/", "--stale-if-error", "-5"], "--stale-if-error: a number"),
         (["--source", "http://a/", "--stale-if-error", "inf"], "--stale-if-error: a number"),
+        (["--source", "http://a/", "--min-revalidation-interval", "-1"],
+         "--min-revalidation-interval: a number"),
         (["--source", "http://a/", "--public-url", "cache.example"],
          "--public-url 'cache.example': not an absolute http:// or https:// URL"),
         (["--source", "http://a/", "--public-url", "/pkgcache/"], "not an absolute http"),
@@ -154,9 +156,16 @@ def test_freshness_options_are_parsed_and_wired(tmp_path):
         "--source", "http://a/", "--cache-dir", str(tmp_path),
         "--volatile", r"\.json$", "--volatile", "^/index/",
         "--volatile-max-age", "5", "--negative-max-age", "0", "--stale-if-error", "0",
+        "--min-revalidation-interval", "120",
     )
     freshness = makeService(options).resource.freshness
     assert (freshness.max_age, freshness.negative_max_age, freshness.stale_if_error) == (5, 0, 0)
+    assert freshness.min_revalidation_interval == 120
+    options = parse(
+        "--mirror", "debian:debian=http://a/", "--cache-dir", str(tmp_path),
+        "--min-revalidation-interval", "120",
+    )
+    assert makeService(options).resource.mirrors["debian"].tree.freshness.min_revalidation_interval == 120
     assert freshness.is_volatile(key("/x/data.json")) and freshness.is_volatile(key("/index/a"))
     assert not freshness.is_volatile(key("/x/data.json.gz"))
     defaults = makeService(parse("--source", "http://a/", "--cache-dir", str(tmp_path)))
@@ -164,6 +173,7 @@ def test_freshness_options_are_parsed_and_wired(tmp_path):
     assert (freshness.max_age, freshness.negative_max_age, freshness.stale_if_error) == (
         30, 60, 7 * 24 * 3600
     )
+    assert freshness.min_revalidation_interval == 0
 
 
 @pytest.mark.parametrize(
@@ -201,6 +211,7 @@ CONFIG_VALUES = {
     "volatile-max-age": (5, lambda o: o["volatile-max-age"] == 5.0),
     "negative-max-age": (0, lambda o: o["negative-max-age"] == 0.0),
     "stale-if-error": (0, lambda o: o["stale-if-error"] == 0.0),
+    "min-revalidation-interval": (60, lambda o: o["min-revalidation-interval"] == 60.0),
     "listen": (["tcp:0:interface=127.0.0.1"],
                lambda o: o["listen"] == ["tcp:0:interface=127.0.0.1"]),
 }
