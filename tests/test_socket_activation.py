@@ -209,18 +209,19 @@ def shipped_setting(name: str) -> str:
     return values[0].strip()
 
 
-def shipped_command(cache_dir: Path, sources: str) -> list[str]:
+def shipped_command(cache_dir: Path, sources: str, options: Optional[str] = None) -> list[str]:
     """
     ``ExecStart=`` of the shipped pkgcache.service, with this venv's twist,
     ``cache_dir`` for the cache, ``sources`` as ``$PKGCACHE_SOURCES`` and
-    pkgcache.default's ``$PKGCACHE_OPTIONS``.  An unbraced ``$VAR`` is split
-    as systemd splits it: on whitespace, with shell-like quotes.
+    ``options`` (by default pkgcache.default's) as ``$PKGCACHE_OPTIONS``.
+    An unbraced ``$VAR`` is split as systemd splits it: on whitespace, with
+    shell-like quotes.
     """
     service = read_unit("pkgcache.service")
     cache_directory = "/var/cache/" + service["Service"]["CacheDirectory"]
     environment = {
         "PKGCACHE_SOURCES": sources,
-        "PKGCACHE_OPTIONS": shipped_setting("PKGCACHE_OPTIONS"),
+        "PKGCACHE_OPTIONS": shipped_setting("PKGCACHE_OPTIONS") if options is None else options,
     }
     argv: list[str] = []
     for word in shlex.split(service["Service"]["ExecStart"]):
@@ -339,6 +340,32 @@ def test_ipv4_loopback_socket_with_another_name(tmp_path, processes, upstream):
         "--source", upstream[0], "--cache-dir", str(cache_dir),
     ]
     check_download_then_hit(processes, upstream, argv, f"http://127.0.0.1:{port}/", cache_dir)
+
+
+def test_the_service_reads_its_mirrors_from_a_config_file(tmp_path, processes, upstream):
+    """
+    ``PKGCACHE_SOURCES`` empty and ``PKGCACHE_OPTIONS=--config FILE``, as
+    pkgcache.default says for several mirrors: the file's mirror is served
+    at ``/NAME/`` on the activated socket, and kept in ``CACHE_DIR/NAME/``
+    (the unit's ``--cache-dir`` winning over the file's).
+    """
+    config = tmp_path / "pkgcache.toml"
+    config.write_text(
+        f'cache-dir = "{tmp_path}/not-this-one"\n'
+        f'[mirrors.gentoo]\nkind = "gentoo"\nsources = ["{upstream[0]}"]\n'
+    )
+    port = free_port()
+    cache_dir = tmp_path / "cache"
+    twist = [
+        word.replace("systemd:domain=INET6:", "systemd:domain=INET:")
+        for word in shipped_command(cache_dir, "", f"--config {config}")
+    ]
+    name = read_unit("pkgcache.socket")["Socket"]["FileDescriptorName"]
+    argv = [SOCKET_ACTIVATE, "-l", f"127.0.0.1:{port}", f"--fdname={name}", *twist]
+    check_download_then_hit(
+        processes, upstream, argv, f"http://127.0.0.1:{port}/gentoo/", cache_dir / "gentoo"
+    )
+    assert not (tmp_path / "not-this-one").exists()
 
 
 def test_a_descriptor_name_that_was_not_passed_is_a_clear_error(tmp_path, processes):

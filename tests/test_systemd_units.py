@@ -261,23 +261,48 @@ def pkgcache_arguments(tmp_path: Path, sources: str, options: str) -> list[str]:
         else:
             arguments.append(word)
     (tmp_path / "log").mkdir(exist_ok=True)
-    return [word.replace("/var/log/pkgcache/", f"{tmp_path}/log/") for word in arguments]
+    return [
+        str(UNITS / "pkgcache.toml") if word == CONFIG_FILE
+        else word.replace("/var/log/pkgcache/", f"{tmp_path}/log/")
+        for word in arguments
+    ]
+
+
+#: Where pkgcache.default has the shipped pkgcache.toml installed.
+CONFIG_FILE = "/etc/pkgcache.toml"
 
 
 @pytest.mark.parametrize("sources", examples("PKGCACHE_SOURCES"))
 def test_every_sources_example_is_accepted_by_twist_pkgcache(tmp_path, sources):
+    """Each example, or (empty, with the mirrors of a file) the shipped pkgcache.toml."""
     from pkgcache.tap import Options
 
     config = Options()
-    config.parseOptions(pkgcache_arguments(tmp_path, sources, ""))
+    config.parseOptions(
+        pkgcache_arguments(tmp_path, sources, "" if sources else f"--config {CONFIG_FILE}")
+    )
     assert len(config["sources"]) == split_like_systemd(sources).count("--source")
+    assert bool(config["mirrors"]) == (not sources)
+
+
+def test_the_shipped_config_file_serves_every_kind_under_the_units_own_options(tmp_path):
+    from pkgcache.tap import Options
+
+    config = Options()
+    config.parseOptions(pkgcache_arguments(tmp_path, "", f"--config {CONFIG_FILE}"))
+    assert {mirror.name: mirror.kind for mirror in config["mirrors"]} == {
+        "debian": "debian", "gentoo": "gentoo", "pypi": "pypi", "npm": "npm",
+    }
+    assert config["cache-dir"].path == str(tmp_path / "cache")
+    assert config["listen"] == ["tcp:0:interface=127.0.0.1"]
+    assert (config["min-revalidation-interval"], config["max-cache-size"]) == (60, 50 * 1024**3)
 
 
 @pytest.mark.parametrize("options", examples("PKGCACHE_OPTIONS"))
 def test_every_options_example_is_accepted_by_twist_pkgcache(tmp_path, options):
     from pkgcache.tap import Options
 
-    sources = examples("PKGCACHE_SOURCES")[0]
+    sources = "" if "--config" in options else examples("PKGCACHE_SOURCES")[0]
     Options().parseOptions(pkgcache_arguments(tmp_path, sources, options))
 
 
