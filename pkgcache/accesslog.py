@@ -5,20 +5,43 @@ An access log in the combined log format, with the cache outcome appended::
 
 The last field is ``hit``, ``miss``, ``coalesced`` or ``error``, followed by
 ``dropped`` when the connection was cut before the response was complete.
+
+Lines are kept in memory and written together, whole, in one ``write``
+call: at most :data:`FLUSH_INTERVAL` seconds after the first of them, at
+once when :data:`FLUSH_BYTES` are waiting, and at :meth:`AccessLog.close`.
+So a request costs no system call for its line, and on a file opened with
+``O_APPEND`` the lines of several processes sharing it never mix.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import BinaryIO, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
 from twisted.web.server import Request
 
 from pkgcache.outcomes import Outcome
 
+#: The longest a line waits in memory, in seconds.
+FLUSH_INTERVAL = 1.0
+#: Write at once when this many bytes of lines are waiting (a burst of
+#: requests keeps memory bounded, and each write well under a pipe's buffer).
+FLUSH_BYTES = 32 * 1024
+
+#: A byte a quoted field cannot hold as it is.
+_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
+
 log = Logger()
+
+
+def _escape(match: "re.Match[bytes]") -> bytes:
+    byte = match.group()
+    return b"\\" + byte if byte in b'"\\' else b"\\x%02x" % byte[0]
 
 
 def _quoted(value: Optional[bytes]) -> str:
@@ -28,40 +51,41 @@ def _quoted(value: Optional[bytes]) -> str:
     """
     if not value:
         return "-"
-    escaped = []
-    for byte in value:
-        if byte in b'"\\':
-            escaped.append("\\" + chr(byte))
-        elif 0x20 <= byte < 0x7F:
-            escaped.append(chr(byte))
-        else:
-            escaped.append("\\x%02x" % byte)
-    return "".join(escaped)
+    return _UNSAFE.sub(_escape, value).decode("ascii")
 
 
 class AccessLog:
     """
     Appends one line per request to a binary stream (a file opened for
-    appending, or standard output).
+    appending, or standard output), in batches (see the module).
 
-    :param clock: gives the time each line is stamped with.
+    :param stream: what lines are written to: each batch is one call of
+        its ``write`` (then of its ``flush``).
+    :param clock: gives the time each line is stamped with, and runs the
+        flush that follows the first line of a batch.
     """
 
     def __init__(self, stream: BinaryIO, clock) -> None:
         self._stream = stream
         self._clock = clock
+        self._lines: list[bytes] = []
+        self._waiting = 0
+        self._flush_call: Optional[IDelayedCall] = None
+        self._buffering = True
+        # The time stamp, made once a second.
+        self._second: Optional[int] = None
+        self._stamp = ""
 
     @classmethod
     def open(cls, path: str, clock) -> "AccessLog":
         """
-        ``path``, opened for appending; ``-`` is standard output.
+        ``path``, opened for appending (``O_APPEND``, no buffer of its own);
+        ``-`` is standard output.
 
         :raises OSError: if the file cannot be opened.
         """
-        import sys
-
         if path == "-":
-            return cls(sys.stdout.buffer, clock)
+            return cls(open(sys.stdout.fileno(), "wb", buffering=0, closefd=False), clock)
         return cls(open(path, "ab", buffering=0), clock)
 
     def record(self, request: Request, outcome: Outcome, dropped: bool) -> None:
@@ -70,7 +94,7 @@ class AccessLog:
         request_line = b"%s %s %s" % (request.method, request.uri, request.clientproto)
         line = '%s - - %s "%s" %d %s "%s" "%s" %s%s\n' % (
             host,
-            datetimeToLogString(self._clock.seconds()),
+            self._time_stamp(),
             _quoted(request_line),
             request.code,
             request.sentLength or "-",
@@ -79,8 +103,52 @@ class AccessLog:
             outcome.value,
             " dropped" if dropped else "",
         )
+        data = line.encode("utf-8")
+        self._lines.append(data)
+        self._waiting += len(data)
+        if not self._buffering or self._waiting >= FLUSH_BYTES:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(FLUSH_INTERVAL, self._flush_due)
+
+    def flush(self) -> None:
+        """Write the lines waiting, in one ``write``."""
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines = []
+        self._waiting = 0
         try:
-            self._stream.write(line.encode("utf-8"))
+            written = self._stream.write(data)
+            # A raw file's write may take less than it was given (a full
+            # disk, a signal): the rest follows, or the error says why.
+            while written is not None and written < len(data):
+                data = data[written:]
+                written = self._stream.write(data)
             self._stream.flush()
         except (OSError, ValueError) as error:
             log.error("could not write the access log: {error}", error=error)
+
+    def close(self) -> None:
+        """
+        Flush, and stop buffering: the reactor is stopping, so no timer
+        would write later lines (of requests cut off as it stops), which
+        are written at once instead.  The stream stays open: it may be
+        standard output, and it is the process's until it exits.
+        """
+        self._buffering = False
+        self.flush()
+
+    def _flush_due(self) -> None:
+        self._flush_call = None
+        self.flush()
+
+    def _time_stamp(self) -> str:
+        second = int(self._clock.seconds())
+        if second != self._second:
+            self._second = second
+            self._stamp = datetimeToLogString(second)
+        return self._stamp

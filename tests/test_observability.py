@@ -98,6 +98,12 @@ async def test_metrics_are_not_in_the_mirror_url_space(origin, make_proxy, http)
     assert origin.count("/metrics") == 1  # asked of the source, like any file
 
 
+def flushed(access_log: AccessLog, stream: io.BytesIO) -> bytes:
+    """What ``access_log`` wrote to ``stream``, once it flushed what waits."""
+    access_log.flush()
+    return stream.getvalue()
+
+
 _LINE = re.compile(
     r'^(?P<host>\S+) - - \[(?P<time>[^]]+)\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) '
     r'(?P<bytes>\d+|-) "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)" '
@@ -112,7 +118,8 @@ async def test_access_log_lines(origin, make_proxy, http):
     stream = io.BytesIO()
     clock = Clock()
     clock.advance(1_600_000_000)
-    proxy = make_proxy([origin.url], access_log=AccessLog(stream, clock))
+    access_log = AccessLog(stream, clock)
+    proxy = make_proxy([origin.url], access_log=access_log)
 
     await fetch(http, proxy.url + "/a?x=1", headers={b"user-agent": [b'Wget "1.21"'],
                                                      b"referer": [b"http://r/"]})
@@ -124,7 +131,7 @@ async def test_access_log_lines(origin, make_proxy, http):
         await cut.done
     except ResponseFailed:
         pass
-    await wait_for(lambda: stream.getvalue().count(b"\n") == 4)
+    await wait_for(lambda: flushed(access_log, stream).count(b"\n") == 4)
 
     lines = [_LINE.match(line) for line in stream.getvalue().decode().splitlines()]
     assert all(lines), stream.getvalue()
@@ -142,11 +149,12 @@ async def test_access_log_lines(origin, make_proxy, http):
 @pytest_twisted.ensureDeferred
 async def test_access_log_escapes_what_clients_send(origin, make_proxy):
     stream = io.BytesIO()
-    proxy = make_proxy([origin.url], access_log=AccessLog(stream, reactor))
+    access_log = AccessLog(stream, reactor)
+    proxy = make_proxy([origin.url], access_log=access_log)
     await raw_request(
         proxy.url, b'GET /x HTTP/1.0\r\nUser-Agent: evil" 200 1 "-\x01\r\n\r\n'
     )
-    await wait_for(lambda: stream.getvalue().endswith(b"\n"))
+    await wait_for(lambda: flushed(access_log, stream).endswith(b"\n"))
     line = stream.getvalue().decode()
     assert '"evil\\" 200 1 \\"-\\x01"' in line
     assert line.count("\n") == 1

@@ -6,6 +6,8 @@ join while a download is being published.
 
 from __future__ import annotations
 
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
 from pkgcache.upstream import USER_AGENT
 from tests.memory.conftest import A, B, PATH, HeldDisk, url
 
@@ -91,3 +93,24 @@ def test_an_unsafe_path_never_reaches_a_source(cache, network):
         client = cache.get(path)
         assert client.code in (400, 404), path
     assert network.requests == []
+
+
+def request_lines(cache, path: str = PATH) -> list[dict]:
+    """The ``twisted.logger`` events about requests logged while ``path`` is got."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert cache.get(path).complete
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [event for event in events if event.get("log_namespace") == "pkgcache.resource"]
+
+
+def test_a_request_is_logged_only_if_asked_for(make_cache):
+    quiet = make_cache()
+    quiet.put(PATH, DATA)
+    assert request_lines(quiet) == []
+    chatty = make_cache(log_requests=True)
+    (event,) = request_lines(chatty)
+    assert event["log_level"] == LogLevel.info
+    assert formatEvent(event) == f"GET {PATH} hit 200 {len(DATA)} bytes 0.000s source=-"
