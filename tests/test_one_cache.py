@@ -1,10 +1,11 @@
 """
 One pkgcache for the whole LAN: a real ``twist pkgcache --config FILE``
-with a debian, a gentoo and a pypi mirror on one port, in front of local
-upstreams that behave like the real ones (a signed Debian repository, a
-Gentoo distfiles mirror, a PyPI-like index whose wheels live on a files
-host), and the real clients of each: ``apt-get``, ``wget`` and ``curl`` (as
-Portage fetches distfiles), ``pip`` and ``uv``.
+with a debian, a gentoo, a pypi and an npm mirror on one port, in front of
+local upstreams that behave like the real ones (a signed Debian
+repository, a Gentoo distfiles mirror, a PyPI-like index whose wheels live
+on a files host, an npm registry with absolute tarball links and scoped
+packages), and the real clients of each: ``apt-get``, ``wget`` and
+``curl`` (as Portage fetches distfiles), ``pip``, ``uv`` and ``npm``.
 
 A first round of clients fills the cache.  A second round of clean clients
 (no state of their own) then installs the same packages, and no upstream
@@ -26,13 +27,15 @@ from tests.conftest import fetch
 from tests.debian_repo import (
     SIGNING_TOOLS, Apt, DebianRepo, RepoServer, Signer, missing_tools, run,
 )
+from tests.npm_registry import Npm, NpmRegistryServer
+from tests.npm_registry import installed_version as npm_installed_version
 from tests.origin import OriginServer
 from tests.pypi_index import FilesHost, PackageIndexServer, Pip, Uv, installed_version
 from tests.test_twist import TwistProcess
 
+CLIENT_TOOLS = [*SIGNING_TOOLS, "wget", "curl", "npm"]
 pytestmark = pytest.mark.skipif(
-    bool(missing_tools([*SIGNING_TOOLS, "wget", "curl"])),
-    reason=f"needs {', '.join(missing_tools([*SIGNING_TOOLS, 'wget', 'curl']))}",
+    bool(missing_tools(CLIENT_TOOLS)), reason=f"needs {', '.join(missing_tools(CLIENT_TOOLS))}"
 )
 
 LAYOUT = b"[structure]\n0=filename-hash BLAKE2B 8\n1=flat\n"
@@ -54,11 +57,17 @@ class Upstreams:
         self.gentoo.add(DISTFILE_PATH, DISTFILE)
         self.pypi = PackageIndexServer(files_host=FilesHost(), core_metadata=True)
         self.wheel = None
+        self.npm = NpmRegistryServer()
+        self.npm_releases = []
 
     async def publish(self) -> None:
         await self.debian.add_package("hello", "1.0")
         await self.debian.publish()
         self.wheel = self.pypi.add_release("tinypkg", "1.0")
+        self.npm_releases = [
+            self.npm.add_release("left-pad", "1.0.0"),
+            self.npm.add_release("@acme/greeter", "1.0.0", {"left-pad": "^1.0.0"}),
+        ]
 
     def config(self, cache_dir: Path, access_log: Path) -> str:
         return f"""\
@@ -79,6 +88,10 @@ sources = ["{self.gentoo.url}"]
 kind = "pypi"
 sources = ["{self.pypi.url}"]
 files = ["{self.pypi.files_host.url}"]
+
+[mirrors.npm]
+kind = "npm"
+sources = ["{self.npm.url}"]
 """
 
     def requests_seen(self) -> dict[str, int]:
@@ -87,12 +100,14 @@ files = ["{self.pypi.files_host.url}"]
             "gentoo": len(self.gentoo.origin.requests),
             "pypi index": len(self.pypi.requests),
             "pypi files": len(self.pypi.files_host.requests),
+            "npm": len(self.npm.requests),
         }
 
     async def stop(self) -> None:
         await self.debian_server.stop()
         await self.gentoo.stop()
         await self.pypi.stop()
+        await self.npm.stop()
 
 
 @pytest_twisted.async_yield_fixture
@@ -125,6 +140,7 @@ class Clients:
         self.apt = Apt(home / "apt", sources=[upstreams.debian.sources_line(url + "/debian/")])
         self.pip = Pip(home / "pip")
         self.uv = Uv(home / "uv")
+        self.npm = Npm(home / "npm")
 
     async def install_everything(self) -> None:
         (await self.apt.update()).check()
@@ -147,6 +163,11 @@ class Clients:
         assert installed_version(await self.pip.install(index_url, "tinypkg"), "tinypkg") == "1.0"
         assert installed_version(await self.uv.install(index_url, "tinypkg"), "tinypkg") == "1.0"
 
+        # npm checks each tarball against the integrity its document gives.
+        project = await self.npm.install(self.url + "/npm/", "@acme/greeter")
+        assert npm_installed_version(project, "@acme/greeter") == "1.0.0"
+        assert npm_installed_version(project, "left-pad") == "1.0.0"
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_second_round_of_clean_clients_contacts_no_upstream(
@@ -166,7 +187,9 @@ async def test_a_second_round_of_clean_clients_contacts_no_upstream(
     wheel = upstreams.wheel
     assert (cache / "pypi" / "files" / wheel.hosted_path.lstrip("/")).read_bytes() == wheel.data
     log = (tmp_path / "access.log").read_text()
-    for mirror in ("debian", "gentoo", "pypi"):
+    for release in upstreams.npm_releases:
+        assert (cache / "npm" / release.tarball_path.lstrip("/")).is_file()
+    for mirror in ("debian", "gentoo", "pypi", "npm"):
         assert f"GET /{mirror}/" in log
 
 
@@ -179,3 +202,4 @@ async def test_the_root_lists_each_mirror_with_its_client_line(pkgcache, http):
     assert f"deb {pkgcache.url}/debian/ SUITE main" in page
     assert f'GENTOO_MIRRORS="{pkgcache.url}/gentoo/"' in page
     assert f"--index-url {pkgcache.url}/pypi/simple/" in page
+    assert f"--registry {pkgcache.url}/npm/" in page
