@@ -251,7 +251,7 @@ class RssWatch:
 # -- nginx ----------------------------------------------------------------------
 
 NGINX_COMMON = """\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 master_process on;
 user root;
@@ -267,7 +267,7 @@ http {{
     types {{ }}
     default_type application/octet-stream;
     sendfile on;
-    tcp_nopush on;
+    tcp_nopush {nopush};
     keepalive_requests 1000000;
     log_format bench '$request_uri $status $body_bytes_sent $request_time $upstream_cache_status';
 {servers}
@@ -333,10 +333,15 @@ FRESH_PROXY_SERVER = """\
 """
 
 
-def start_nginx(processes: Processes, directory: Path, servers: str, ports: list[int]) -> subprocess.Popen:
+def start_nginx(
+    processes: Processes, directory: Path, servers: str, ports: list[int], workers: int = 1,
+    nopush: bool = True,
+) -> subprocess.Popen:
     directory.mkdir(parents=True)
     conf = directory / "nginx.conf"
-    conf.write_text(NGINX_COMMON.format(dir=directory, servers=servers))
+    conf.write_text(NGINX_COMMON.format(
+        dir=directory, servers=servers, workers=workers, nopush="on" if nopush else "off"
+    ))
     test = subprocess.run(
         ["nginx", "-t", "-q", "-p", str(directory), "-e", str(directory / "error.log"),
          "-c", str(conf)],
@@ -1477,6 +1482,8 @@ class Bench:
         ]
         if self.args.profile:
             steps.append(("py-spy profile of a miss", self.profile))
+        steps.append(("speed: pkgcache --workers 1 and 2 against nginx with 2 workers",
+                      lambda: speed.Speed(self).run()))
         for name, step in steps:
             if self.args.only and not any(word in name for word in self.args.only):
                 continue
@@ -1603,7 +1610,7 @@ def main() -> int:
                         help="also record a py-spy profile of a miss (py-spy in the venv)")
     parser.add_argument("--only", action="append", default=[],
                         help="run only the steps whose name contains this word (repeatable): "
-                             "miss, coalesced, slow, wrk, freshness, profile")
+                             "miss, coalesced, slow, wrk, freshness, profile, speed")
     parser.add_argument("--keep-workdir", action="store_true", help="for debugging")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "curl"):
@@ -1630,4 +1637,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # bench/speed.py imports this module as ``bench``: let it be this one.
+    sys.modules.setdefault("bench", sys.modules["__main__"])
+    import speed
+
     sys.exit(main())
