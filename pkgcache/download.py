@@ -22,6 +22,21 @@ Two things can go wrong after the headers:
   caching and carries on for the followers already attached, keeping what
   they have not read yet in memory (within a bound: the source is paused
   while the slowest catches up).  New clients start a download of their own.
+
+A miss of an immutable file is shared with the other processes on the
+cache directory (:mod:`pkgcache.shared_spool`): its download claims the
+spool named by its key before it asks any source.  If another process
+holds it, the download *follows* that process's download instead of
+fetching: its clients get the headers that process recorded and the bytes
+as they reach its spool, read back with ``pread`` (nothing is held in
+memory), learning of new ones by looking at the spool every few
+milliseconds while a client waits for them.  Its downloader gone before
+the headers (given up at its shutdown, taken over after a crash), it
+claims the file again; gone after them, without the whole file, its
+followers cut their clients off, as for a body that breaks off here.
+Revalidations and volatile files stay with the process that asked: their
+publication depends on what that process knows (validators, the suite a
+Debian index belongs to).
 """
 
 from __future__ import annotations
@@ -30,7 +45,8 @@ import enum
 import hashlib
 from typing import Callable, Optional
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -38,6 +54,9 @@ from pkgcache.chunks import ChunkBuffer
 from pkgcache.interfaces import IByteSource, IFollower, IPublicationCheck
 from pkgcache.metadata import EntryMetadata
 from pkgcache.paths import CacheKey
+from pkgcache.shared_spool import (
+    FollowedHeaders, FollowedResponse, SpoolFollower, SpoolRecord, SpoolUnshared, failure_record,
+)
 from pkgcache.spool import SpoolWriter
 from pkgcache.sources import AllSourcesFailed
 from pkgcache.store import CachedFile, CacheStore, StoreClosed
@@ -51,6 +70,16 @@ MEMORY_LOW_WATER = 2 * 1024 * 1024
 #: A body that breaks off is resumed from another source, this many times
 #: at most, so that a file no source delivers whole fails instead of looping.
 MAX_RESUMES = 10
+#: How often a download that follows another process's looks at its spool,
+#: while a client waits (for the headers, or for bytes it has not got yet).
+FOLLOW_POLL_INTERVAL = 0.005
+#: How often a shared download's record is rewritten while nothing else
+#: changes, so that its followers know it is alive (at most a quarter of
+#: the idle timeout, which is how long they wait for a sign of life).
+HEARTBEAT_INTERVAL = 1.0
+#: A download claims the file again at most this many times after the one
+#: it followed vanished before its headers; then it fetches on its own.
+MAX_CLAIMS = 10
 
 log = Logger()
 
@@ -72,6 +101,17 @@ class DownloadState(enum.Enum):
     FAILED = "failed"
 
 
+class _Followed(enum.Enum):
+    """How following another process's download ended."""
+
+    #: followed to its end: the whole file was read (and maybe published)
+    DONE = "done"
+    #: it vanished before its headers: claim the file again
+    CLAIM = "claim"
+    #: it cannot be followed (or hangs): fetch the file here, unshared
+    FETCH = "fetch"
+
+
 @implementer(IByteSource)
 class Download:
     """
@@ -88,7 +128,9 @@ class Download:
         published file say the same (it is the file's mtime).
     :ivar received: how many bytes of the file have arrived so far.
     :ivar failure: why it failed, once it has.
-    :ivar finished: fires once it is over and its spool published or gone.
+
+    With ``shared``, it claims the file's shared spool when started, and
+    follows the process that holds it if another does (:attr:`following`).
     """
 
     def __init__(
@@ -104,6 +146,8 @@ class Download:
         conditional: bool = True,
         volatile: bool = False,
         check: Optional[IPublicationCheck] = None,
+        shared: bool = False,
+        on_finished: Optional[Callable[["Download"], None]] = None,
     ) -> None:
         self.key = key
         self._clock = clock
@@ -136,17 +180,55 @@ class Download:
         self._fetching: Optional[Deferred[None]] = None
         #: holds one of the download slots (so it is fetching)
         self.has_slot = False
-        self.finished: Deferred[None] = Deferred()
+        self._shared = shared
+        self._on_finished = on_finished
+        self._ended = False
+        self._finished_waiters: list[Deferred[None]] = []
+        # Owning the shared spool: what it says to followers, and its beat.
+        self._record: Optional[SpoolRecord] = None
+        self._heartbeat: Optional[LoopingCall] = None
+        # Following: another process's spool, or the copy it published.
+        self._remote: Optional[SpoolFollower] = None
+        self._copy: Optional[CachedFile] = None
+        self._asleep: Optional[Deferred[None]] = None
 
     def start(self) -> None:
+        if self._shared:
+            self._claim()
         Deferred.fromCoroutine(self._run()).addErrback(
             lambda failure: log.failure("download of {path} broke", failure, path=str(self.key))
         )
 
     @property
+    def finished(self) -> "Deferred[None]":
+        """
+        Fires once it is over and its spool published or gone (a Deferred
+        of the caller's own: a download that follows another process's
+        looks at its spool only while someone waits).
+        """
+        if self._ended:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._finished_waiters.append(waiter)
+        self._wake()
+        return waiter
+
+    @property
+    def following(self) -> bool:
+        """It follows another process's download (or serves what that published)."""
+        return self._remote is not None or self._copy is not None
+
+    @property
+    def holds_shared_spool(self) -> bool:
+        """It still holds the shared spool of its key (until published or removed)."""
+        return self._record is not None and self._spool is not None and self._spool.locked
+
+    @property
     def caching(self) -> bool:
         """The body is being spooled, to be published once complete."""
-        return self.state is DownloadState.RECEIVING and self._spool is not None
+        return self.state is DownloadState.RECEIVING and (
+            self._spool is not None or self._remote is not None
+        )
 
     def cancel(self) -> None:
         """Give up (on shutdown): followers are cut off, nothing is published."""
@@ -166,6 +248,7 @@ class Download:
             waiter.errback(self.failure)
         else:
             self._headers_waiters.append(waiter)
+            self._wake()
         return waiter
 
     @property
@@ -182,6 +265,7 @@ class Download:
 
     def attach(self, follower: IFollower) -> None:
         self.followers.add(follower)
+        self._wake()
 
     def detach(self, follower: IFollower) -> None:
         self.followers.discard(follower)
@@ -190,6 +274,11 @@ class Download:
             log.info("all clients of {path} left and it cannot be cached: stopping",
                      path=str(self.key))
             self.cancel()
+        if self.following and not self._ended and not (
+            self.followers or self._headers_waiters or self._finished_waiters
+        ):
+            # Another process downloads it: nobody here needs to watch.
+            self.cancel()
         self._release_if_unused()
 
     def read(self, offset: int, length: int) -> bytes:
@@ -197,6 +286,10 @@ class Download:
         Up to ``length`` bytes of the file from ``offset``, of those received
         so far (``b""`` if none yet).
         """
+        reader = self._remote if self._remote is not None else self._copy
+        if reader is not None:
+            available = min(length, self.received - offset)
+            return reader.read(offset, available) if available > 0 else b""
         if self._spool is not None and offset < self._spool.written:
             return self._spool.read(offset, length)
         return self._buffer.read(offset, length)
@@ -204,33 +297,71 @@ class Download:
     def follower_advanced(self) -> None:
         """A follower read on: memory nobody needs may go."""
         self._trim_buffer()
+        self._wake()
 
     # -- the fetch ------------------------------------------------------------
 
     async def _run(self) -> None:
         try:
             # Only the fetch can be cancelled: a publication once begun ends.
-            self._fetching = Deferred.fromCoroutine(self._fetch())
+            self._fetching = Deferred.fromCoroutine(self._obtain())
             await self._fetching
         except CancelledError:
-            self._fail(CancelledError("download cancelled"))
+            # (A follower nobody needs any more may be cancelled once complete.)
+            if self.state is not DownloadState.COMPLETE:
+                self._fail(CancelledError("download cancelled"))
         except (AllSourcesFailed, BodyFailed) as failed:
             self._fail(failed)
         except Exception as error:
             log.failure("download of {path} failed unexpectedly", path=str(self.key))
             self._fail(error)
         else:
-            await self._publish()
+            if not self.following:
+                await self._publish()
         finally:
             self._fetching = None
+            self._stop_heartbeat()
             if self._spool is not None:
-                await self._spool.discard()
+                await self._spool.discard(self._last_record())
             if self._stale is not None:
                 self._stale.close()
                 self._stale = None
             self._retire()
-            self.finished.callback(None)
+            self._ended = True
+            waiters, self._finished_waiters = self._finished_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            on_finished, self._on_finished = self._on_finished, None
+            if on_finished is not None:
+                on_finished(self)
             self._release_if_unused()
+
+    async def _obtain(self) -> None:
+        """
+        Get the file: from the sources, or by following the process that
+        is downloading it (or serving the copy it has just published).
+        """
+        claims = 1
+        while self._remote is not None:
+            followed = await self._follow()
+            if followed is _Followed.DONE:
+                return
+            self._remote.close()
+            self._remote = None
+            if followed is _Followed.CLAIM and claims < MAX_CLAIMS:
+                claims += 1
+                self._claim()
+        if self._record is not None:
+            # Claimed: unless the file was published since it was missed.
+            try:
+                copy = self._store.open_file(self.key)
+            except OSError:
+                copy = None
+            if copy is not None:
+                await self._give_up_claim()
+                self._serve_copy(copy)
+                return
+        await self._fetch()
 
     async def _fetch(self) -> None:
         """Fetch and spool the whole body, holding one of the download slots."""
@@ -282,7 +413,16 @@ class Download:
             last_modified if last_modified is not None else self._upstream.clock.seconds()
         )
         self.state = DownloadState.RECEIVING
-        self._spool = self._open_spool()
+        if self._spool is None:
+            self._spool = self._open_spool()
+        elif self._record is not None:
+            self._record.headers = FollowedHeaders.of(
+                response,
+                length=self.length,
+                last_modified=self.last_modified,
+                checked=self.checked_at,
+            )
+            self._mark()
         waiters, self._headers_waiters = self._headers_waiters, []
         for waiter in waiters:
             waiter.callback(response)
@@ -340,6 +480,176 @@ class Download:
             )
         except AllSourcesFailed as failed:
             raise BodyFailed(f"{broken}; no source could resume: {failed}") from None
+
+    # -- one download per file across processes ---------------------------------
+
+    def _claim(self) -> None:
+        """Claim the shared spool of the key, or follow the process that holds it."""
+        try:
+            claimed = self._store.new_spool(self.key, shared=True)
+        except OSError as error:
+            # Then fetched unshared, spooled (or not) as any other download.
+            log.warn("cannot share the download of {path} with other processes: {error}",
+                     path=str(self.key), error=error)
+            return
+        if isinstance(claimed, SpoolFollower):
+            self._remote = claimed
+            return
+        self._spool = claimed
+        claimed.on_written = self._spool_progressed
+        self._record = SpoolRecord()
+        self._mark()
+        interval = max(0.01, min(HEARTBEAT_INTERVAL, self._upstream.idle_timeout / 4))
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self._clock
+        self._heartbeat.start(interval, now=False).addErrback(
+            lambda failure: log.failure("heartbeat of {path} broke", failure, path=str(self.key))
+        )
+
+    def _mark(self) -> None:
+        """Tell followers in other processes where the download stands."""
+        if self._record is not None and self._spool is not None:
+            self._spool.mark(self._record.encode())
+
+    def _beat(self) -> None:
+        assert self._record is not None
+        self._record.beat += 1
+        self._mark()
+
+    def _stop_heartbeat(self) -> None:
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None and heartbeat.running:
+            heartbeat.stop()
+
+    def _last_record(self) -> Optional[bytes]:
+        """What followers are told as the shared spool goes: complete, or why not."""
+        record = self._record
+        if record is None:
+            return None
+        assert self._spool is not None
+        if self.state is DownloadState.COMPLETE and self._spool.failure is None:
+            record.end, record.received = "complete", self.received
+        else:
+            record.end = "failed"
+            record.failure = failure_record(
+                self.failure if self.failure is not None else CancelledError("given up")
+            )
+        return record.encode()
+
+    async def _give_up_claim(self) -> None:
+        """Let the shared spool go unused (the file is in the cache already)."""
+        self._stop_heartbeat()
+        spool, record = self._spool, self._record
+        self._spool = self._record = None
+        assert spool is not None and record is not None
+        record.end, record.failure = "failed", {"reason": "published meanwhile"}
+        await spool.discard(record.encode())
+        spool.close()
+
+    def _serve_copy(self, copy: CachedFile) -> None:
+        """Answer from a copy that another process published just now."""
+        self._copy = copy
+        self.received = copy.size
+        self._follow_headers(FollowedHeaders.of_published(copy.metadata, copy.size, copy.mtime))
+        self.state = DownloadState.COMPLETE
+        self.published = True
+        self._notify_followers()
+
+    async def _follow(self) -> _Followed:
+        """
+        Follow another process's download of the file, through its spool,
+        until it ends (or until nobody here waits for it: see :meth:`detach`).
+
+        :raises AllSourcesFailed: if no source provided it (the other
+            process's sources are ours).
+        :raises BodyFailed: if it ended, after its headers, without the
+            whole file: its process failed, gave it up or died, or stopped
+            showing any sign of life for the idle timeout.
+        """
+        remote = self._remote
+        assert remote is not None
+        stall_limit = self._upstream.idle_timeout
+        quiet_since = self._clock.seconds()
+        while True:
+            try:
+                changed = remote.poll()
+            except (SpoolUnshared, OSError) as error:
+                if self.response is not None:
+                    raise BodyFailed(f"the spool of another pkgcache process broke: {error}")
+                log.info("fetching {path} here: the download in another process cannot be "
+                         "followed ({error})", path=str(self.key), error=error)
+                return _Followed.FETCH
+            if remote.headers is not None and self.response is None:
+                self._follow_headers(remote.headers)
+            if self.response is not None:
+                arrived = remote.size if self.length is None else min(remote.size, self.length)
+                if arrived > self.received:
+                    self.received = arrived
+                    self._notify_followers()
+            if remote.complete and self.state is DownloadState.RECEIVING:
+                self.state = DownloadState.COMPLETE
+                self._notify_followers()
+            if remote.ended:
+                if self.state is DownloadState.COMPLETE:
+                    self.published = remote.published
+                    return _Followed.DONE
+                if self.response is None:
+                    if remote.sources_failure is not None:
+                        raise remote.sources_failure
+                    return _Followed.CLAIM
+                raise BodyFailed(f"the pkgcache process downloading it {remote.reason}")
+            now = self._clock.seconds()
+            if changed:
+                quiet_since = now
+            elif self.state is not DownloadState.COMPLETE and now - quiet_since >= stall_limit:
+                if self.response is None:
+                    log.warn("fetching {path} here: the process downloading it showed no sign "
+                             "of life for {seconds:g}s", path=str(self.key), seconds=stall_limit)
+                    return _Followed.FETCH
+                raise BodyFailed(
+                    f"the pkgcache process downloading it stopped for {stall_limit:g}s"
+                )
+            if await self._next_poll():
+                # Nobody waited, so nobody looked: that silence was ours.
+                quiet_since = self._clock.seconds()
+
+    def _follow_headers(self, headers: FollowedHeaders) -> None:
+        self.response = FollowedResponse(headers)  # type: ignore[assignment]
+        self.length = headers.length
+        self.last_modified = headers.last_modified
+        self.checked_at = headers.checked
+        self.state = DownloadState.RECEIVING
+        waiters, self._headers_waiters = self._headers_waiters, []
+        for waiter in waiters:
+            waiter.callback(self.response)
+
+    def _waiting_here(self) -> bool:
+        """Someone here waits for what a followed download does next."""
+        return bool(self._headers_waiters or self._finished_waiters) or any(
+            follower.needed_from >= self.received for follower in self.followers
+        )
+
+    async def _next_poll(self) -> bool:
+        """
+        Wait until the spool is worth another look: soon while someone
+        waits, else until someone does.
+
+        :return: whether it waited for someone (rather than for the clock).
+        """
+        if self._waiting_here():
+            await deferLater(self._clock, FOLLOW_POLL_INTERVAL, lambda: None)
+            return False
+        self._asleep = Deferred()
+        try:
+            await self._asleep
+        finally:
+            self._asleep = None
+        return True
+
+    def _wake(self) -> None:
+        if self._asleep is not None and self._waiting_here():
+            asleep, self._asleep = self._asleep, None
+            asleep.callback(None)
 
     def _open_spool(self) -> Optional[SpoolWriter]:
         try:
@@ -402,6 +712,16 @@ class Download:
         if self.state is DownloadState.RECEIVING:
             self.state = DownloadState.UNCACHED
         self._retire()
+        if self.holds_shared_spool:
+            # Let the file go now: other processes' clients start afresh
+            # (their own download, if they have nothing yet).
+            assert self._spool is not None and self._record is not None
+            self._stop_heartbeat()
+            self._record.end = "failed"
+            self._record.failure = {"reason": "the spool could not be written"}
+            releasing = Deferred.fromCoroutine(self._spool.discard(self._record.encode()))
+            releasing.addErrback(lambda failure: log.failure(
+                "could not release the spool of {path}", failure, path=str(self.key)))
         self._trim_buffer()
 
     async def _publish(self) -> None:
@@ -419,6 +739,12 @@ class Download:
         )
         if self._check is not None and not self._check.may_publish(self.key, metadata, self.read):
             return
+        if self._record is not None:
+            # Followers may finish their clients now, as ours did.
+            self._stop_heartbeat()
+            self._record.end = "complete"
+            self._record.received = self.received
+            self._mark()
         try:
             await spool.commit(self.last_modified, metadata)
         except StoreClosed:
@@ -454,10 +780,16 @@ class Download:
             on_retired(self)
 
     def _release_if_unused(self) -> None:
-        if self.finished.called and not self.followers:
+        if self._ended and not self.followers:
             if self._spool is not None:
                 self._spool.close()
                 self._spool = None
+            if self._remote is not None:
+                self._remote.close()
+                self._remote = None
+            if self._copy is not None:
+                self._copy.close()
+                self._copy = None
             self._buffer.drop_before(self.received)
 
 
@@ -505,7 +837,8 @@ class Downloads:
             known to be wrong: its source would confirm it with a 304).
         :param volatile: the file may change in place: its digest is kept,
             and the publication check is asked before it is published.
-        :return: the download of ``key``, and whether it was already running.
+        :return: the download of ``key``, and whether it was already running
+            (here, or in another process that it follows).
         """
         download = self._by_key.get(key)
         if download is not None:
@@ -519,19 +852,25 @@ class Downloads:
             conditional=conditional,
             volatile=volatile,
             check=self._check if volatile else None,
+            # One of ours that failed may still hold the key's spool for
+            # a moment: this one is not to follow it.
+            shared=revalidating is None and not volatile and not any(
+                running.key == key and running.holds_shared_spool for running in self._running
+            ),
+            on_finished=self._running.discard,
         )
         self._by_key[key] = download
         self._running.add(download)
-        download.finished.addBoth(lambda _: self._running.discard(download))
         download.start()
-        return download, False
+        return download, download.following
 
     def in_flight(self, key: CacheKey) -> Optional[Download]:
         """The download of ``key`` that a new client would join, if any."""
         return self._by_key.get(key)
 
     def __len__(self) -> int:
-        return len(self._running)
+        """Downloads from the sources (not those following another process's)."""
+        return sum(1 for download in self._running if not download.following)
 
     @property
     def waiting(self) -> int:

@@ -17,7 +17,6 @@ import errno
 import json
 import os
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Optional
 
 from twisted.logger import Logger
@@ -84,17 +83,8 @@ class EntryMetadata:
     def read(cls, fd: int) -> "EntryMetadata":
         """What was attached to the open file ``fd``; nothing, if unreadable."""
         try:
-            attribute = os.getxattr(fd, XATTR_NAME)
-        except OSError:
-            return cls()
-        return _parsed(attribute)
-
-    @classmethod
-    def parse(cls, attribute: bytes) -> "EntryMetadata":
-        """What the attribute's bytes say; nothing, if they do not parse."""
-        try:
-            fields = json.loads(attribute)
-        except ValueError:
+            fields = json.loads(os.getxattr(fd, XATTR_NAME))
+        except (OSError, ValueError):
             return cls()
         if not isinstance(fields, dict):
             return cls()
@@ -109,11 +99,6 @@ class EntryMetadata:
                 values[name] = value
         return cls(**values)
 
-
-#: The attributes of this many files (the hot ones) are parsed once, not
-#: on every hit: a copy's attribute changes whenever its metadata does.
-PARSED_ATTRIBUTES = 4096
-_parsed = lru_cache(maxsize=PARSED_ATTRIBUTES)(EntryMetadata.parse)
 
 _BYTES_FIELDS = ("content_type", "etag", "last_modified")
 _OTHER_FIELDS = {"source": (str,), "checked": (int, float), "sha256": (str,)}

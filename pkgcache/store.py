@@ -41,8 +41,8 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from pkgcache.metadata import EntryMetadata
-from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey, relative_path
-from pkgcache.spool import DiskRunner, SpoolWriter
+from pkgcache.paths import DIRECTORY_DOCUMENT, RESERVED_TOP_LEVEL_NAMES, CacheKey
+from pkgcache.spool import DiskRunner, SpoolWriter, new_spool, sweep_stale_spools
 
 SPOOL_DIR_NAME = ".pkgcache-spool"
 assert SPOOL_DIR_NAME in RESERVED_TOP_LEVEL_NAMES
@@ -101,7 +101,6 @@ class CacheStore:
         self, cache_dir: FilePath, reactor, run_blocking: Optional[DiskRunner] = None
     ) -> None:
         self.cache_dir = cache_dir
-        self._root = cache_dir.path + os.sep
         self.spool_dir = cache_dir.child(SPOOL_DIR_NAME)
         self._reactor = reactor
         self._run_blocking = run_blocking
@@ -187,10 +186,20 @@ class CacheStore:
 
     def path_for(self, key: CacheKey) -> FilePath:
         """
-        Where ``key`` is (or would be) published (see
-        :func:`~pkgcache.paths.relative_path`: never outside the cache).
+        Where ``key`` is (or would be) published.
+
+        :class:`CacheKey` segments are safe already; ``FilePath.child``
+        checks again, so this can never name a file outside the cache.  A
+        directory URL's document is a file inside that directory, under a
+        name no request can ask for.
         """
-        return FilePath(self._root + relative_path(key))
+        path = self.cache_dir
+        for segment in key.segments:
+            path = path.child(segment)
+        if key.directory:
+            suffix = "." + key.representation if key.representation else ""
+            return path.child(DIRECTORY_DOCUMENT + suffix)
+        return path
 
     def open_file(self, key: CacheKey) -> Optional[CachedFile]:
         """
@@ -202,13 +211,8 @@ class CacheStore:
         :raises IsADirectoryError: if ``key`` names a directory (never
             served: pkgcache serves regular files only).
         """
-        return self._open_below("", key)
-
-    def _open_below(self, area: str, key: CacheKey) -> Optional[CachedFile]:
-        """:meth:`open_file` of ``key`` in the tree ``area`` (``NAME/``, or "")."""
-        # A path string, not a FilePath: a hit makes no abspath.
         try:
-            fd = os.open(self._root + area + relative_path(key), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path_for(key).path, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
@@ -224,62 +228,27 @@ class CacheStore:
             os.close(fd)
             raise
 
-    def new_spool(self, key: CacheKey) -> SpoolWriter:
+    def new_spool(self, key: CacheKey, *, shared: bool = False):
         """
-        Create a locked spool file for a download of ``key``.
+        Create a locked spool file for a download of ``key``; with
+        ``shared``, claim the one named by ``key``, or get a follower of
+        the process that holds it (see :func:`pkgcache.spool.new_spool`).
 
         :raises OSError: if the spool directory is not writable.
         """
-        # Cut by bytes, at a character boundary: a legal 255-byte name of
-        # 4-byte characters would otherwise make an illegal spool name.
-        name_part = key.segments[-1].encode("utf-8")[:SPOOL_NAME_BYTES].decode("utf-8", "ignore")
-        os.makedirs(self.spool_dir.path, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="", suffix="." + name_part, dir=self.spool_dir.path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.fchmod(fd, self._file_mode)
-            return SpoolWriter(name, fd, self.path_for(key).path, self.in_disk_thread)
-        except BaseException:
-            os.close(fd)
-            os.unlink(name)
-            raise
+        return new_spool(
+            self.spool_dir.path, self.cache_dir.path, self.path_for(key).path,
+            self.in_disk_thread, self._file_mode, shared=shared,
+        )
 
     def sweep_stale_spools(self) -> int:
         """
-        Remove spools left behind by a crashed process.
-
-        Spools whose lock is held belong to a live process (maybe another
-        pkgcache on the same directory) and are left alone.
+        Remove spools left behind by a crashed process (never one a live
+        process holds: see :func:`pkgcache.spool.sweep_stale_spools`).
 
         :return: how many spools were removed.
         """
-        removed = 0
-        try:
-            names = os.listdir(self.spool_dir.path)
-        except FileNotFoundError:
-            return 0
-        for name in names:
-            path = os.path.join(self.spool_dir.path, name)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            else:
-                os.unlink(path)
-                removed += 1
-            finally:
-                os.close(fd)
-        if removed:
-            log.info(
-                "removed {count} stale spool files from {spool_dir}",
-                count=removed,
-                spool_dir=self.spool_dir.path,
-            )
-        return removed
+        return sweep_stale_spools(self.spool_dir.path)
 
 
 def _record_access(fd: int, info: os.stat_result) -> None:
@@ -318,7 +287,6 @@ class StoreArea:
                              for name in names)
         self.store = store
         self.names = names
-        self._below = "".join(name + os.sep for name in names)
 
     def _key(self, key: CacheKey) -> CacheKey:
         return replace(key, segments=self.names + key.segments)
@@ -338,10 +306,10 @@ class StoreArea:
         return self.store.path_for(self._key(key))
 
     def open_file(self, key: CacheKey) -> Optional[CachedFile]:
-        return self.store._open_below(self._below, key)
+        return self.store.open_file(self._key(key))
 
-    def new_spool(self, key: CacheKey) -> SpoolWriter:
-        return self.store.new_spool(self._key(key))
+    def new_spool(self, key: CacheKey, *, shared: bool = False):
+        return self.store.new_spool(self._key(key), shared=shared)
 
     def in_disk_thread(self, function, *args) -> Deferred:
         return self.store.in_disk_thread(function, *args)

@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionRefusedError
 
-from tests.clients import sha256, start_reading
+from tests.clients import sha256, start_reading, within
 from tests.conftest import fetch, sleep, wait_for
 from tests.origin import Gate
 
@@ -249,7 +249,7 @@ async def test_unix_and_ssl_endpoints(origin, twist, http, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_two_processes_share_one_cache_dir(origin, twist, http, tmp_path):
     data = os.urandom(3_000_000)
-    # Each download holds after 300 kB until both are under way.
+    # The download holds after 300 kB until the test lets it go on.
     gate = Gate()
     origin.add("/shared.tar", data, gate=gate, pause_at=300_000)
     cache = tmp_path / "cache"
@@ -261,11 +261,18 @@ async def test_two_processes_share_one_cache_dir(origin, twist, http, tmp_path):
     second = twist("--source", origin.url, "--cache-dir", str(cache))
     await second.ready(http)
     assert len(list((cache / ".pkgcache-spool").iterdir())) == 1, "the live spool was swept"
-    _, late = await start_reading(http, second.url + "/shared.tar")
-    assert origin.count("/shared.tar") == 2
+    # Its clients follow the first one's download: their first bytes come
+    # while the origin still holds the rest, and nothing is asked again.
+    late = [await start_reading(http, second.url + "/shared.tar") for _ in range(3)]
+    for response, reader in late:
+        await within(10, reader.first_byte, "a follower waited for the whole download")
+        assert response.length == len(data)
+        assert b"collapsed" in response.headers.getRawHeaders(b"cache-status")[0]
+    assert origin.count("/shared.tar") == 1
     gate.open()
     assert sha256(await early.done) == sha256(data)
-    assert sha256(await late.done) == sha256(data)
+    for _, reader in late:
+        assert sha256(await reader.done) == sha256(data)
     await wait_for(lambda: list((cache / ".pkgcache-spool").iterdir()) == [])
     assert sha256((cache / "shared.tar").read_bytes()) == sha256(data)
-    assert origin.count("/shared.tar") == 2
+    assert origin.count("/shared.tar") == 1
