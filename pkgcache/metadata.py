@@ -17,6 +17,7 @@ import errno
 import json
 import os
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Optional
 
 from twisted.logger import Logger
@@ -83,8 +84,17 @@ class EntryMetadata:
     def read(cls, fd: int) -> "EntryMetadata":
         """What was attached to the open file ``fd``; nothing, if unreadable."""
         try:
-            fields = json.loads(os.getxattr(fd, XATTR_NAME))
-        except (OSError, ValueError):
+            attribute = os.getxattr(fd, XATTR_NAME)
+        except OSError:
+            return cls()
+        return _parsed(attribute)
+
+    @classmethod
+    def parse(cls, attribute: bytes) -> "EntryMetadata":
+        """What the attribute's bytes say; nothing, if they do not parse."""
+        try:
+            fields = json.loads(attribute)
+        except ValueError:
             return cls()
         if not isinstance(fields, dict):
             return cls()
@@ -99,6 +109,11 @@ class EntryMetadata:
                 values[name] = value
         return cls(**values)
 
+
+#: The attributes of this many files (the hot ones) are parsed once, not
+#: on every hit: a copy's attribute changes whenever its metadata does.
+PARSED_ATTRIBUTES = 4096
+_parsed = lru_cache(maxsize=PARSED_ATTRIBUTES)(EntryMetadata.parse)
 
 _BYTES_FIELDS = ("content_type", "etag", "last_modified")
 _OTHER_FIELDS = {"source": (str,), "checked": (int, float), "sha256": (str,)}

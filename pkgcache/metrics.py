@@ -5,7 +5,7 @@ that they never share the mirror's URL space.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from twisted.web.resource import Resource
@@ -22,6 +22,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        #: The children a finished request counts in, by mirror and
+        #: outcome: looked up once, not by label on every request.
+        self._finished: dict[tuple[str, Outcome], tuple[Counter, Optional[Counter]]] = {}
         self.requests = Counter(
             "pkgcache_requests",
             "Requests answered, by outcome: hit, miss, coalesced (joined a "
@@ -108,10 +111,17 @@ class Metrics:
     # tree of --source.
 
     def request_finished(self, mirror: str, outcome: Outcome, body_bytes: int) -> None:
-        self.requests.labels(mirror, outcome.value).inc()
-        origin = outcome.body_origin
-        if origin is not None and body_bytes:
-            self.served_bytes.labels(mirror, origin).inc(body_bytes)
+        children = self._finished.get((mirror, outcome))
+        if children is None:
+            origin = outcome.body_origin
+            children = self._finished[(mirror, outcome)] = (
+                self.requests.labels(mirror, outcome.value),
+                None if origin is None else self.served_bytes.labels(mirror, origin),
+            )
+        requests, served_bytes = children
+        requests.inc()
+        if served_bytes is not None and body_bytes:
+            served_bytes.inc(body_bytes)
 
     def revalidated(self, mirror: str, result: str) -> None:
         self.revalidations.labels(mirror, result).inc()

@@ -11,7 +11,9 @@ source URL, so neither can be steered outside its base.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 #: The longest single name most filesystems accept (``NAME_MAX``), in bytes.
@@ -29,6 +31,9 @@ DIRECTORY_DOCUMENT = ".pkgcache-index"
 _RESERVED_PREFIX = ".pkgcache-"
 
 _FORBIDDEN_CHARACTERS = ("/", "\\", "\0")
+#: A joined path with an empty, ``.`` or ``..`` part, or a NUL: one that
+#: may not stay below the directory it is joined to.
+_ESCAPING = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\x00")
 
 
 class UnsafePath(ValueError):
@@ -72,21 +77,50 @@ class CacheKey:
         return "/" + "/".join(self.segments) + ("/" if self.directory else "")
 
 
+def relative_path(key: CacheKey) -> str:
+    """
+    Where ``key`` is below a cache directory: its segments joined, and a
+    directory URL's document (a name no request can ask for) inside.
+
+    Checked again, as one string (cheaper than a ``FilePath.child`` per
+    segment, on every hit): a key made by hand, not by
+    :func:`cache_key_from_postpath`, cannot name a file outside either.
+
+    :raises UnsafePath: for a key no request could have made.
+    """
+    path = "/".join(key.segments)
+    if key.directory:
+        suffix = "." + key.representation if key.representation else ""
+        path += "/" + DIRECTORY_DOCUMENT + suffix
+    if _ESCAPING.search(path):
+        raise UnsafePath(f"not a path below the cache: {path!r}")
+    return path
+
+
 def cache_key_from_postpath(postpath: Sequence[bytes]) -> CacheKey:
     """
     Validate the segments of a request path.
 
     :raises UnsafePath: with the status to answer.
     """
-    if not postpath or postpath == [b""]:
+    return _cache_key(tuple(postpath))
+
+
+#: The keys of this many paths (the hot ones) are checked once, not on
+#: every hit.
+CHECKED_PATHS = 4096
+
+
+@lru_cache(maxsize=CHECKED_PATHS)
+def _cache_key(postpath: tuple[bytes, ...]) -> CacheKey:
+    if not postpath or postpath == (b"",):
         raise UnsafePath("no file named", status=404)
     if len(b"/".join(postpath)) > MAX_PATH_BYTES:
         raise UnsafePath("path too long")
-    *parents, name = postpath
-    directory = name == b"" and bool(parents)
+    directory = postpath[-1] == b"" and len(postpath) > 1
     if directory:
         # A directory URL: its source's document, never a listing of ours.
-        postpath = parents
+        postpath = postpath[:-1]
     segments = tuple(_checked_segment(raw) for raw in postpath)
     if segments[0] in RESERVED_TOP_LEVEL_NAMES or any(
         segment.startswith(_RESERVED_PREFIX) for segment in segments

@@ -41,7 +41,7 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from pkgcache.metadata import EntryMetadata
-from pkgcache.paths import DIRECTORY_DOCUMENT, RESERVED_TOP_LEVEL_NAMES, CacheKey
+from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey, relative_path
 from pkgcache.spool import DiskRunner, SpoolWriter, new_spool, sweep_stale_spools
 
 SPOOL_DIR_NAME = ".pkgcache-spool"
@@ -101,6 +101,7 @@ class CacheStore:
         self, cache_dir: FilePath, reactor, run_blocking: Optional[DiskRunner] = None
     ) -> None:
         self.cache_dir = cache_dir
+        self._root = cache_dir.path + os.sep
         self.spool_dir = cache_dir.child(SPOOL_DIR_NAME)
         self._reactor = reactor
         self._run_blocking = run_blocking
@@ -186,20 +187,10 @@ class CacheStore:
 
     def path_for(self, key: CacheKey) -> FilePath:
         """
-        Where ``key`` is (or would be) published.
-
-        :class:`CacheKey` segments are safe already; ``FilePath.child``
-        checks again, so this can never name a file outside the cache.  A
-        directory URL's document is a file inside that directory, under a
-        name no request can ask for.
+        Where ``key`` is (or would be) published (see
+        :func:`~pkgcache.paths.relative_path`: never outside the cache).
         """
-        path = self.cache_dir
-        for segment in key.segments:
-            path = path.child(segment)
-        if key.directory:
-            suffix = "." + key.representation if key.representation else ""
-            return path.child(DIRECTORY_DOCUMENT + suffix)
-        return path
+        return FilePath(self._root + relative_path(key))
 
     def open_file(self, key: CacheKey) -> Optional[CachedFile]:
         """
@@ -211,8 +202,13 @@ class CacheStore:
         :raises IsADirectoryError: if ``key`` names a directory (never
             served: pkgcache serves regular files only).
         """
+        return self._open_below("", key)
+
+    def _open_below(self, area: str, key: CacheKey) -> Optional[CachedFile]:
+        """:meth:`open_file` of ``key`` in the tree ``area`` (``NAME/``, or "")."""
+        # A path string, not a FilePath: a hit makes no abspath.
         try:
-            fd = os.open(self.path_for(key).path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._root + area + relative_path(key), os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
@@ -287,6 +283,7 @@ class StoreArea:
                              for name in names)
         self.store = store
         self.names = names
+        self._below = "".join(name + os.sep for name in names)
 
     def _key(self, key: CacheKey) -> CacheKey:
         return replace(key, segments=self.names + key.segments)
@@ -306,7 +303,7 @@ class StoreArea:
         return self.store.path_for(self._key(key))
 
     def open_file(self, key: CacheKey) -> Optional[CachedFile]:
-        return self.store.open_file(self._key(key))
+        return self.store._open_below(self._below, key)
 
     def new_spool(self, key: CacheKey, *, shared: bool = False):
         return self.store.new_spool(self._key(key), shared=shared)

@@ -17,6 +17,7 @@ from twisted.web.client import ResponseFailed
 
 from pkgcache.accesslog import AccessLog
 from pkgcache.metrics import Metrics
+from pkgcache.outcomes import Outcome
 from pkgcache.service import QuietSite
 from pkgcache.sources import Source
 from pkgcache.upstream import UpstreamClient
@@ -158,3 +159,19 @@ async def test_access_log_escapes_what_clients_send(origin, make_proxy):
     line = stream.getvalue().decode()
     assert '"evil\\" 200 1 \\"-\\x01"' in line
     assert line.count("\n") == 1
+
+
+def test_a_finished_request_looks_its_counters_up_once():
+    metrics = Metrics()
+    looked_up: list = []
+    for counter in (metrics.requests, metrics.served_bytes):
+        labels = counter.labels
+        counter.labels = lambda *values, labels=labels: looked_up.append(values) or labels(*values)
+    for _ in range(3):
+        metrics.request_finished("debian", Outcome.HIT, 100)
+    metrics.request_finished("debian", Outcome.ERROR, 10)
+    assert looked_up == [("debian", "hit"), ("debian", "cache"), ("debian", "error")]
+    sample = metrics.registry.get_sample_value
+    assert sample("pkgcache_requests_total", {"mirror": "debian", "outcome": "hit"}) == 3
+    assert sample("pkgcache_requests_total", {"mirror": "debian", "outcome": "error"}) == 1
+    assert sample("pkgcache_served_bytes_total", {"mirror": "debian", "origin": "cache"}) == 300
