@@ -14,8 +14,25 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.web.server import Site
 
+from pkgcache.accesslog import AccessLog
 from pkgcache.cache_limit import CacheLimit
 from pkgcache.resource import PackageCacheResource
+
+
+def cannot_listen(error: CannotListenError) -> SystemExit:
+    """A failed bind, said in one line (rather than as a traceback) by twist."""
+    return SystemExit(
+        f"pkgcache: cannot listen on port {error.port}"
+        f"{' of ' + error.interface if error.interface else ''}: {error.socketError}"
+    )
+
+
+def cannot_use_cache(store, error: OSError) -> SystemExit:
+    """A cache directory that cannot be opened, said in one line."""
+    return SystemExit(
+        f"pkgcache: cannot use {store.cache_dir.path} as the cache directory: "
+        f"{error.strerror or error}"
+    )
 
 
 class QuietSite(Site):
@@ -73,7 +90,8 @@ class PackageCacheService(MultiService):
     ``metrics_listen``, with a :class:`CacheService` for its life.
 
     The listeners start first, so that a port in use stops start-up before
-    any work has begun; stopping stops listening first, then gives up the
+    any work has begun; stopping stops listening first, then writes the
+    lines ``access_log`` (the resource's) holds, then gives up the
     downloads in progress (their clients are cut off; nothing partial is
     published) and closes the store and the connections to the sources.
     """
@@ -85,9 +103,11 @@ class PackageCacheService(MultiService):
         reactor,
         metrics_listen: Optional[str] = None,
         max_cache_size: Optional[int] = None,
+        access_log: Optional[AccessLog] = None,
     ) -> None:
         super().__init__()
         self.resource = resource
+        self._access_log = access_log
         self.site = QuietSite(resource)
         for description in listen:
             self._listen(description, self.site, reactor)
@@ -104,23 +124,18 @@ class PackageCacheService(MultiService):
         try:
             super().startService()
         except CannotListenError as error:
-            # Said in one line, rather than as a traceback, by twist.
-            raise SystemExit(
-                f"pkgcache: cannot listen on port {error.port}"
-                f"{' of ' + error.interface if error.interface else ''}: {error.socketError}"
-            ) from None
+            raise cannot_listen(error) from None
         try:
             self.cache.startService()
         except OSError as error:
-            raise SystemExit(
-                f"pkgcache: cannot use {self.resource.store.cache_dir.path} as the "
-                f"cache directory: {error.strerror or error}"
-            ) from None
+            raise cannot_use_cache(self.resource.store, error) from None
 
     def stopService(self) -> "Deferred[None]":
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         await super().stopService()
+        if self._access_log is not None:
+            self._access_log.close()
         if self.cache.running:
             await self.cache.stopService()

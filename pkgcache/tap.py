@@ -416,4 +416,5 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         reactor,
         metrics_listen=config["metrics-listen"],
         max_cache_size=config["max-cache-size"],
+        access_log=access_log,
     )
