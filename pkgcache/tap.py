@@ -21,6 +21,7 @@ from pkgcache.root import MirrorsResource
 from pkgcache.service import PackageCacheService
 from pkgcache.store import CacheStore
 from pkgcache.upstream import Source
+from pkgcache.workers import SHAREABLE_ENDPOINTS, Supervisor, worker_count
 
 DEFAULT_LISTEN = "tcp:4000"
 
@@ -133,6 +134,7 @@ class Options(usage.Options):
         self["stale-if-error"] = DEFAULT_STALE_IF_ERROR
         self["min-revalidation-interval"] = 0.0
         self["mirrors"] = []
+        self["workers"] = 1
         #: --mirror's tables by name and --mirror-files' URLs, made mirrors
         #: once every option is in (either may come first).
         self._mirror_tables: dict[str, dict[str, Any]] = {}
@@ -193,6 +195,15 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501
         self["listen"].append(description)
+
+    def opt_workers(self, count: str) -> None:
+        """Processes that serve: N, or auto for one per CPU. With more than one, this process binds the --listen sockets (or takes systemd's) and supervises N worker processes serving them (one that dies is restarted; SIGTERM stops them all; SIGHUP makes them reopen --access-log); it alone culls for --max-cache-size and serves --metrics-listen, with the sums over the workers. [default: 1, this process alone]"""  # noqa: E501
+        try:
+            self["workers"] = worker_count(count)
+        except ValueError:
+            raise usage.UsageError(
+                f"--workers: a whole number of at least 1, or auto, not {count!r}"
+            ) from None
 
     def opt_mirror(self, text: str) -> None:
         name, kind, urls = _mirror_argument("mirror", text)
@@ -285,7 +296,12 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:
-            _check_endpoint("--listen", description)
+            endpoint = _check_endpoint("--listen", description)
+            if self["workers"] > 1 and not isinstance(endpoint, SHAREABLE_ENDPOINTS):
+                raise usage.UsageError(
+                    f"--listen {description!r}: --workers can share tcp, tcp6, ssl, unix and "
+                    "systemd endpoints only"
+                )
         if self["metrics-listen"] is not None:
             _check_endpoint("--metrics-listen", self["metrics-listen"])
         for option in ("max-cache-size", "max-file-size"):
@@ -368,15 +384,15 @@ def _check_public_url(text: str) -> None:
     raise usage.UsageError(f"--public-url {text!r}: {problem}")
 
 
-def _check_endpoint(option: str, description: str) -> None:
+def _check_endpoint(option: str, description: str):
     """
     Parse an endpoint string now, so that a typo is a usage error rather than
-    a traceback at start-up.
+    a traceback at start-up; the endpoint it describes.
     """
     from twisted.internet import reactor
 
     try:
-        endpoints.serverFromString(reactor, description)
+        return endpoints.serverFromString(reactor, description)
     except KeyError as error:
         # The systemd endpoint's way of saying it was given no such socket.
         raise usage.UsageError(
@@ -386,12 +402,31 @@ def _check_endpoint(option: str, description: str) -> None:
         raise usage.UsageError(f"{option} {description!r}: {error}") from None
 
 
-def makeService(config: Options, reactor=None) -> PackageCacheService:
+def makeService(config: Options, reactor=None):
+    """
+    The service of ``config``: a :class:`PackageCacheService`, or with
+    ``--workers`` above 1 a :class:`~pkgcache.workers.Supervisor` of worker
+    processes, each serving what :func:`make_resource` makes.
+    """
     if reactor is None:
         from twisted.internet import reactor
+    if config["workers"] > 1:
+        return Supervisor(config, reactor)
     access_log = None
     if config["access-log"] is not None:
         access_log = AccessLog.open(config["access-log"], reactor)
+    return PackageCacheService(
+        make_resource(config, reactor, access_log),
+        config["listen"],
+        reactor,
+        metrics_listen=config["metrics-listen"],
+        max_cache_size=config["max-cache-size"],
+        access_log=access_log,
+    )
+
+
+def make_resource(config, reactor, access_log: Optional[AccessLog]):
+    """The resource ``config`` (:class:`Options`, or a dict of them) describes."""
     options = dict(
         reactor=reactor,
         connect_timeout=config["connect-timeout"],
@@ -407,14 +442,5 @@ def makeService(config: Options, reactor=None) -> PackageCacheService:
         public_url=config["public-url"],
     )
     if config["mirrors"]:
-        resource = MirrorsResource(config["mirrors"], config["cache-dir"], **options)
-    else:
-        resource = PackageCacheResource(config["sources"], config["cache-dir"], **options)
-    return PackageCacheService(
-        resource,
-        config["listen"],
-        reactor,
-        metrics_listen=config["metrics-listen"],
-        max_cache_size=config["max-cache-size"],
-        access_log=access_log,
-    )
+        return MirrorsResource(config["mirrors"], config["cache-dir"], **options)
+    return PackageCacheResource(config["sources"], config["cache-dir"], **options)

@@ -214,6 +214,7 @@ CONFIG_VALUES = {
     "min-revalidation-interval": (60, lambda o: o["min-revalidation-interval"] == 60.0),
     "listen": (["tcp:0:interface=127.0.0.1"],
                lambda o: o["listen"] == ["tcp:0:interface=127.0.0.1"]),
+    "workers": (3, lambda o: o["workers"] == 3),
 }
 #: Options with no key in --config: about the command line itself, or
 #: shorthands for what a file says with [mirrors.NAME] tables.
