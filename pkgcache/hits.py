@@ -67,8 +67,7 @@ def serve_document(
     """
     entity = Entity(len(body), last_modified, content_type)
     producer = send_entity(
-        request, entity, _document_bytes(body),
-        clock=clock, stall_timeout=stall_timeout, label=request.path.decode("utf-8", "replace"),
+        request, entity, _document_bytes(body), clock=clock, stall_timeout=stall_timeout
     )
     if producer is not None:
         producer.start()
@@ -82,10 +81,7 @@ def serve_hit(
         cached.size, cached.mtime, cached.metadata.served_content_type, cached.metadata.etag
     )
     source = _FileBytes(cached)
-    producer = send_entity(
-        request, entity, source,
-        clock=clock, stall_timeout=stall_timeout, label=request.path.decode("utf-8", "replace"),
-    )
+    producer = send_entity(request, entity, source, clock=clock, stall_timeout=stall_timeout)
     if producer is None:
         cached.close()
     else:

@@ -432,11 +432,9 @@ class PackageCacheResource(Resource):
             *(["stored"] if download.caching else []),
             *(["collapsed"] if joined else []),
         )
-        self._stream(request, key, download, response)
+        self._stream(request, download, response)
 
-    def _stream(
-        self, request: Request, key: CacheKey, download: Download, response: UpstreamResponse
-    ) -> None:
+    def _stream(self, request: Request, download: Download, response: UpstreamResponse) -> None:
         entity = Entity(
             download.length,
             download.last_modified,
@@ -444,8 +442,7 @@ class PackageCacheResource(Resource):
             response.header(b"etag"),
         )
         producer = send_entity(
-            request, entity, download,
-            clock=self._reactor, stall_timeout=self._client_stall_timeout, label=str(key),
+            request, entity, download, clock=self._reactor, stall_timeout=self._client_stall_timeout
         )
         if producer is not None:
             producer.start()
@@ -522,8 +519,7 @@ class PackageCacheResource(Resource):
             response.content_type or DEFAULT_CONTENT_TYPE, response.header(b"etag"),
         )
         send_entity(
-            request, entity, download,
-            clock=self._reactor, stall_timeout=self._client_stall_timeout, label=str(key),
+            request, entity, download, clock=self._reactor, stall_timeout=self._client_stall_timeout
         )
 
     def _unexpected(self, failure: Failure, request: Request, record: _RequestRecord) -> None:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Union
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.web import http
+from twisted.web.http import (
+    BAD_GATEWAY, NOT_MODIFIED, PARTIAL_CONTENT, REQUESTED_RANGE_NOT_SATISFIABLE,
+    SERVICE_UNAVAILABLE, datetimeToString, stringToDatetime,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -72,7 +76,6 @@ def send_entity(
     *,
     clock: IReactorTime,
     stall_timeout: float,
-    label: str,
 ) -> Optional["BodyProducer"]:
     """
     Answer ``request`` with the file ``entity`` describes, its body to be
@@ -86,30 +89,44 @@ def send_entity(
     if entity.length is not None:
         request.setHeader(b"accept-ranges", b"bytes")
     if _not_modified(request, entity):
-        request.setResponseCode(http.NOT_MODIFIED)
+        request.setResponseCode(NOT_MODIFIED)
         request.finish()
         return None
     pieces = _plan_body(request, entity)
     if request.method == b"HEAD" or not pieces:
         request.finish()
         return None
-    return BodyProducer(
-        request, source, pieces, clock=clock, stall_timeout=stall_timeout, label=label
-    )
+    return BodyProducer(request, source, pieces, clock=clock, stall_timeout=stall_timeout)
+
+
+@lru_cache(maxsize=4096)
+def _http_date(seconds: int) -> bytes:
+    """An HTTP date, made once for each of the times hot files have."""
+    return datetimeToString(seconds)
 
 
 def _not_modified(request: Request, entity: Entity) -> bool:
     """
     Whether the client's copy is current: by ``If-None-Match`` if it sent
     one (weak comparison, RFC 9110 13.1.2), else by ``If-Modified-Since``.
-    Sets ``ETag`` and ``Last-Modified`` either way.
+    Sets ``ETag`` and ``Last-Modified`` either way (the latter ourselves,
+    not by ``Request.setLastModified``, so that its date is not formatted
+    again for every request).
     """
     if entity.etag is not None:
         request.setHeader(b"etag", entity.etag)
+    # HTTP dates are good for whole seconds.
+    last_modified = math.ceil(entity.last_modified)
+    request.setHeader(b"last-modified", _http_date(last_modified))
     if_none_match = request.getHeader(b"if-none-match")
     if if_none_match is None:
-        return request.setLastModified(entity.last_modified) == http.CACHED
-    request.lastModified = math.ceil(entity.last_modified)
+        since = request.getHeader(b"if-modified-since")
+        if since is None:
+            return False
+        try:
+            return stringToDatetime(since.split(b";", 1)[0]) >= last_modified
+        except ValueError:
+            return False
     if entity.etag is None:
         return False
     tags = {tag.strip().removeprefix(b"W/") for tag in if_none_match.split(b",")}
@@ -120,24 +137,25 @@ def _plan_body(request: Request, entity: Entity) -> list[_Piece]:
     """Set the status and length headers; return what the body is made of."""
     length = entity.length
     ranges = requested_ranges(request.getHeader(b"range"), length)
-    if_range = request.getHeader(b"if-range")
-    if ranges is not None and if_range is not None:
-        # A strong match only: a weak tag or another date means a new file.
-        date = http.datetimeToString(math.ceil(entity.last_modified))
-        strong = entity.etag is not None and not entity.etag.startswith(b"W/")
-        if if_range != date and not (strong and if_range == entity.etag):
-            ranges = None
+    if ranges is not None:
+        if_range = request.getHeader(b"if-range")
+        if if_range is not None:
+            # A strong match only: a weak tag or another date means a new file.
+            date = _http_date(math.ceil(entity.last_modified))
+            strong = entity.etag is not None and not entity.etag.startswith(b"W/")
+            if if_range != date and not (strong and if_range == entity.etag):
+                ranges = None
     if ranges is None:
         if length is not None:
             request.setHeader(b"content-length", b"%d" % (length,))
         return [_Span(0, length)]
     assert length is not None
     if ranges is UNSATISFIABLE:
-        request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+        request.setResponseCode(REQUESTED_RANGE_NOT_SATISFIABLE)
         request.setHeader(b"content-range", b"bytes */%d" % (length,))
         request.setHeader(b"content-length", b"0")
         return []
-    request.setResponseCode(http.PARTIAL_CONTENT)
+    request.setResponseCode(PARTIAL_CONTENT)
     if len(ranges) == 1:
         (only,) = ranges
         request.setHeader(b"content-range", only.content_range(length))
@@ -183,12 +201,10 @@ class BodyProducer:
         *,
         clock: IReactorTime,
         stall_timeout: float,
-        label: str,
     ) -> None:
         self._request = request
         self._source = source
         self._pieces = pieces
-        self._label = label
         self._paused = False
         self._pumping = False
         self._done = False
@@ -202,12 +218,16 @@ class BodyProducer:
     def start(self) -> None:
         """Start streaming; the request's headers must be set already."""
         self._source.attach(self)
-        self._request.notifyFinish().addErrback(lambda _: self._client_gone())
         # Registered even for a body sent in one write: a client that does
         # not take it pauses us, and the stall timer runs until it does.
         self._request.registerProducer(self, True)
         self._send_at_once()
         self._pump()
+        if not self._request.finished:
+            # Still to send (or closing after a failure): hear of the client
+            # leaving.  Asked only now, as it cannot leave while we run, so
+            # that a body sent at once costs no Deferred for it.
+            self._request.notifyFinish().addErrback(lambda _: self._client_gone())
 
     def data_available(self) -> None:
         if not self._paused:
@@ -320,8 +340,6 @@ class BodyProducer:
             request.responseHeaders = Headers()
             if cache_status:
                 request.responseHeaders.setRawHeaders(b"cache-status", cache_status)
-            request.lastModified = None
-            request.etag = None
             status, message = failure_response(reason)
             send_error(request, status, message)
         elif request.responseHeaders.hasHeader(b"content-length") or request.chunked:
@@ -336,7 +354,7 @@ class BodyProducer:
     def _drop_stalled(self) -> None:
         log.info(
             "dropping a client of {path} that took nothing for {seconds:g}s",
-            path=self._label, seconds=self._stalled.timeout,
+            path=self._request.path.decode("utf-8", "replace"), seconds=self._stalled.timeout,
         )
         # Not loseConnection: that would wait for the client to read what
         # is buffered, which it will not.
@@ -359,10 +377,10 @@ def failure_response(reason: BaseException) -> tuple[int, str]:
     if isinstance(reason, AllSourcesFailed):
         return reason.status, f"no source provided this file:\n{reason}"
     if isinstance(reason, CancelledError):
-        return http.SERVICE_UNAVAILABLE, "shutting down"
+        return SERVICE_UNAVAILABLE, "shutting down"
     if isinstance(reason, BodyFailed):
-        return http.BAD_GATEWAY, f"the download failed before these bytes arrived: {reason}"
-    return http.BAD_GATEWAY, "the download failed"
+        return BAD_GATEWAY, f"the download failed before these bytes arrived: {reason}"
+    return BAD_GATEWAY, "the download failed"
 
 
 def send_error(request: Request, status: int, message: str) -> None:

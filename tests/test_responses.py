@@ -88,9 +88,7 @@ class Answer(Resource):
 
     def render(self, request):
         entity = Entity(len(DATA), 1_600_000_000.0, b"application/x-test")
-        producer = send_entity(
-            request, entity, self.source, clock=Clock(), stall_timeout=60, label="/x"
-        )
+        producer = send_entity(request, entity, self.source, clock=Clock(), stall_timeout=60)
         if producer is not None:
             producer.start()
         return NOT_DONE_YET
