@@ -89,6 +89,14 @@ class Options(usage.Options):
         "CACHE-DIR/NAME/."
     )
 
+    optFlags = [
+        ["log-requests", None,
+         "Also log a line per request through twisted.logger (method, path, "
+         "outcome, status, bytes, duration, source); the access log is the "
+         "cheap record of every request. [default: only failures and "
+         "events are logged]"],
+    ]
+
     optParameters = [
         ["config", None, None,
          "A TOML file of options (keys named as the options, e.g. cache-dir = "
@@ -232,13 +240,18 @@ class Options(usage.Options):
         except ConfigError as error:
             raise usage.UsageError(f"--config {error}") from None
         parameters = {parameter[0] for parameter in self.optParameters}
+        flags = {flag[0] for flag in self.optFlags}
         for key, value in config.options.items():
             if key in _COMMAND_LINE_ONLY:
                 raise usage.UsageError(f"--config {path}: {key!r} {_COMMAND_LINE_ONLY[key]}")
             if key in self.given:
                 continue
             handler = getattr(self, "opt_" + key.replace("-", "_"), None)
-            if key in _LIST_OPTIONS:
+            if key in flags:
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"--config {path}: {key!r} must be true or false")
+                self[key] = int(value)
+            elif key in _LIST_OPTIONS:
                 if not isinstance(value, list):
                     raise usage.UsageError(f"--config {path}: {key!r} must be a list")
                 for item in value:
@@ -440,6 +453,7 @@ def make_resource(config, reactor, access_log: Optional[AccessLog]):
         stale_if_error=config["stale-if-error"],
         min_revalidation_interval=config["min-revalidation-interval"],
         public_url=config["public-url"],
+        log_requests=bool(config["log-requests"]),
     )
     if config["mirrors"]:
         return MirrorsResource(config["mirrors"], config["cache-dir"], **options)
