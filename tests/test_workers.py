@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import pytest_twisted
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
@@ -28,6 +29,9 @@ from twisted.python.failure import Failure
 from pkgcache import workers
 from pkgcache.service import PackageCacheService
 from pkgcache.tap import Options, makeService
+from tests.clients import open_raw, within
+from tests.conftest import wait_for as wait_for_twisted
+from tests.origin import Gate
 from tests.test_socket_activation import (  # noqa: F401 - processes and upstream are fixtures
     SOCKET_ACTIVATE,
     TWIST,
@@ -38,6 +42,7 @@ from tests.test_socket_activation import (  # noqa: F401 - processes and upstrea
     upstream,
     wait_for,
 )
+from tests.test_twist import twist  # noqa: F401 - a fixture
 
 SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) is serving")
 ACCESS_LINE = re.compile(
@@ -69,7 +74,9 @@ def accepted_by(server_port: int, client_port: int, pids) -> Optional[int]:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
-        if (local, remote) == (server_port, client_port):
+        # (A closed connection of earlier on the same ports, in TIME_WAIT,
+        # has no socket: inode 0.)
+        if (local, remote) == (server_port, client_port) and fields[9] != "0":
             inode = fields[9]
     for pid in pids:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -601,3 +608,43 @@ def test_stopping_cancels_a_restart_and_a_worker_that_ignores_sigterm_is_killed(
     stopped.addBoth(results.append)
     assert results == [None]
     assert len(reactor.spawned) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_spread_over_the_workers_makes_one_upstream_request(
+    origin, twist, http, tmp_path
+):
+    """
+    Clients of both workers on one uncached file: one upstream request, and
+    every client has its first bytes while the origin still holds the rest
+    (so the workers' clients follow one download, not wait for the file).
+    """
+    data = os.urandom(3_000_000)
+    gate = Gate()
+    origin.add("/burst.tar", data, gate=gate, pause_at=300_000)
+    pkgcache = twist("--workers", "2", "--source", origin.url, "--cache-dir", str(tmp_path / "cache"))
+    await pkgcache.ready(http)
+    await wait_for_twisted(lambda: len(SERVING.findall(pkgcache.log.read_text())) == 2)
+    worker_pids = {int(pid) for _, pid in SERVING.findall(pkgcache.log.read_text())}
+    request = b"GET /burst.tar HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    clients: dict[int, list] = {pid: [] for pid in worker_pids}
+    # The kernel picks the worker of each connection: more clients come
+    # until each worker has some (a bounded number).
+    for _ in range(200):
+        if sum(map(len, clients.values())) >= 20 and all(clients.values()):
+            break
+        client = await open_raw(pkgcache.url, request)
+        await within(10, wait_for_twisted(lambda: b"\r\n\r\n" in client.received),
+                     "a client got no headers while the origin held the body")
+        port = client.transport.getHost().port
+        clients[accepted_by(pkgcache.port, port, worker_pids)].append(client)
+    assert all(clients.values()), {pid: len(c) for pid, c in clients.items()}
+    everyone = [client for some in clients.values() for client in some]
+    await wait_for_twisted(lambda: all(len(c.received) > 100_000 for c in everyone))
+    assert origin.count("/burst.tar") == 1
+    gate.open()
+    for client in everyone:
+        received = await within(30, client.closed, "a client's download did not end")
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and body == data
+    assert origin.count("/burst.tar") == 1
