@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from functools import partial
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -26,17 +26,21 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pkgcache.cull import CullReport, CullStopped, cull
 from pkgcache.metrics import Metrics
 from pkgcache.sizes import format_size
 from pkgcache.store import CacheStore
+
+if TYPE_CHECKING:
+    # pkgcache.cull is imported when a limit is set, not by every process
+    # that could have one.
+    from pkgcache.cull import CullReport
 
 #: How often the whole cache is walked again, to notice what others
 #: (``pkgcache-cull``, an administrator) removed.
 RESCAN_SECONDS = 3600.0
 
 #: :func:`pkgcache.cull.cull`'s signature, as far as it is used here.
-CullFunction = Callable[..., CullReport]
+CullFunction = Callable[..., "CullReport"]
 
 log = Logger()
 
@@ -50,8 +54,8 @@ class CacheLimit(Service):
     one, nothing walks the cache.
 
     :param clock: schedules the walks every ``rescan_seconds``.
-    :param cull_function: :func:`pkgcache.cull.cull`, or a stand-in for
-        tests; it runs in a disk thread.
+    :param cull_function: :func:`pkgcache.cull.cull` (the default), or a
+        stand-in for tests; it runs in a disk thread.
     """
 
     def __init__(
@@ -61,8 +65,10 @@ class CacheLimit(Service):
         metrics: Metrics,
         clock: IReactorTime,
         rescan_seconds: float = RESCAN_SECONDS,
-        cull_function: CullFunction = cull,
+        cull_function: Optional[CullFunction] = None,
     ) -> None:
+        if cull_function is None:
+            from pkgcache.cull import cull as cull_function
         self._store = store
         self.max_size = max_size
         self._metrics = metrics
@@ -114,6 +120,8 @@ class CacheLimit(Service):
         ).addBoth(lambda _: self._walk_done(stop))
 
     async def _walk(self, stop: threading.Event) -> None:
+        from pkgcache.cull import CullStopped
+
         while True:
             self._again = False
             try:

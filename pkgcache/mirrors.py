@@ -16,11 +16,6 @@ from typing import Any, Optional
 from pkgcache.freshness import VOLATILE_BY_KIND
 from pkgcache.sources import Source
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.9 and 3.10
-    import tomli as tomllib
-
 KINDS = ("generic", "debian", "ubuntu", "gentoo", "rpm", "pypi", "npm")
 assert set(KINDS) == set(VOLATILE_BY_KIND)
 #: Kinds whose documents link to files on a host of their own.
@@ -73,6 +68,12 @@ def load_config(path: str) -> Config:
     :raises ConfigError: for a file that cannot be read or parsed (with its
         line), or a mirror that is not well defined.
     """
+    # The TOML parser is only needed with --config: --source and --mirror
+    # serve without it.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.9 and 3.10
+        import tomli as tomllib
     try:
         with open(path, "rb") as file:
             document = tomllib.load(file)

@@ -19,8 +19,6 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgcache.interfaces import IDocumentRewriter
 from pkgcache.kinds import FILES_PREFIX
-from pkgcache.kinds.npm import PackageDocumentRewriter
-from pkgcache.kinds.pypi import SimpleIndexRewriter
 from pkgcache.metrics import Metrics
 from pkgcache.mirrors import Mirror
 from pkgcache.resource import PackageCacheResource, tree_url
@@ -192,9 +190,15 @@ def _close(resources: Sequence[PackageCacheResource]) -> "Deferred[None]":
 
 def _rewriter(mirror: Mirror) -> Optional[IDocumentRewriter]:
     """What rewrites the links of a mirror's documents, for the kinds that need it."""
+    # Each kind's module is imported only when a mirror of that kind is
+    # configured: a process serves what it was given, and no more.
     if mirror.kind == "pypi":
+        from pkgcache.kinds.pypi import SimpleIndexRewriter
+
         return SimpleIndexRewriter(mirror.files)
     if mirror.kind == "npm":
+        from pkgcache.kinds.npm import PackageDocumentRewriter
+
         return PackageDocumentRewriter(mirror.sources, mirror.files)
     return None
 
