@@ -125,7 +125,7 @@ def _not_modified(request: Request, entity: Entity) -> bool:
             return False
         try:
             return stringToDatetime(since.split(b";", 1)[0]) >= last_modified
-        except ValueError:
+        except (ValueError, IndexError):  # not a date (IndexError: nothing before ";")
             return False
     if entity.etag is None:
         return False

@@ -149,6 +149,8 @@ def test_a_hits_dates_are_formatted_once(make_cache, monkeypatch):
         ("Sun, 13 Sep 2020 12:26:40 GMT", 200),
         ("Sun, 13 Sep 2020 12:26:41 GMT; length=10000", 304),
         ("yesterday", 200),
+        ("", 200),
+        ("; length=10000", 200),
     ],
 )
 def test_if_modified_since(make_cache, since, code):
