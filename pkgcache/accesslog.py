@@ -10,14 +10,19 @@ Lines are kept in memory and written together, whole, in one ``write``
 call: at most :data:`FLUSH_INTERVAL` seconds after the first of them, at
 once when :data:`FLUSH_BYTES` are waiting, and at :meth:`AccessLog.close`.
 So a request costs no system call for its line, and on a file opened with
-``O_APPEND`` the lines of several processes sharing it never mix.
+``O_APPEND`` the lines of several processes sharing it (workers) never
+mix; on standard output (a pipe, the journal) each write is cut at line
+ends to at most ``PIPE_BUF`` bytes, which a pipe keeps whole.
+:meth:`AccessLog.reopen` opens the file again by its name, after a
+rotation (on SIGHUP).
 """
 
 from __future__ import annotations
 
+import os
 import re
-import sys
-from typing import BinaryIO, Optional
+import select
+from typing import BinaryIO, Iterable, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall
@@ -54,6 +59,59 @@ def _quoted(value: Optional[bytes]) -> str:
     return _UNSAFE.sub(_escape, value).decode("ascii")
 
 
+class _AppendingFile:
+    """A file written by ``O_APPEND`` writes of whole batches, reopened by name."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: bytes) -> int:
+        return os.write(self._fd, data)
+
+    def flush(self) -> None:
+        pass
+
+    def reopen(self) -> None:
+        """:raises OSError: if it cannot be opened again (the old file is then kept)."""
+        old, self._fd = self._fd, self._open()
+        os.close(old)
+
+
+def whole_lines(data: bytes, size: int) -> Iterable[bytes]:
+    """``data`` in pieces of whole lines, of ``size`` bytes at most unless one line is longer."""
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + size) + 1
+        if end <= start:
+            end = data.find(b"\n", start) + 1 or len(data)
+        yield data[start:end]
+        start = end
+
+
+class _StandardOutput:
+    """
+    Standard output, maybe shared with other processes: a pipe keeps a
+    ``write`` whole only up to ``PIPE_BUF`` bytes, so a batch is written in
+    pieces that size at most, each of whole lines (a longer line alone).
+    """
+
+    def write(self, data: bytes) -> int:
+        for piece in whole_lines(data, select.PIPE_BUF):
+            while piece:
+                piece = piece[os.write(1, piece):]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 class AccessLog:
     """
     Appends one line per request to a binary stream (a file opened for
@@ -84,9 +142,24 @@ class AccessLog:
 
         :raises OSError: if the file cannot be opened.
         """
-        if path == "-":
-            return cls(open(sys.stdout.fileno(), "wb", buffering=0, closefd=False), clock)
-        return cls(open(path, "ab", buffering=0), clock)
+        return cls(_StandardOutput() if path == "-" else _AppendingFile(path), clock)
+
+    def reopen(self) -> None:
+        """
+        Write the lines waiting, then open the file again by its name (after
+        a rotation moved it away); standard output stays as it is.  If it
+        cannot be opened, the lines go on to the old file, and this is logged.
+        """
+        self.flush()
+        if not isinstance(self._stream, _AppendingFile):
+            return
+        try:
+            self._stream.reopen()
+        except OSError as error:
+            log.error("could not reopen the access log {path}: {error}; it goes on writing "
+                      "to the old file", path=self._stream.path, error=error)
+        else:
+            log.info("reopened the access log {path}", path=self._stream.path)
 
     def record(self, request: Request, outcome: Outcome, dropped: bool) -> None:
         address = request.getClientAddress()

@@ -6,6 +6,7 @@ cache limit), and :class:`PackageCacheService` puts listeners in front.
 
 from __future__ import annotations
 
+import signal
 from typing import Optional, Sequence
 
 from twisted.application import strports
@@ -108,6 +109,8 @@ class PackageCacheService(MultiService):
         super().__init__()
         self.resource = resource
         self._access_log = access_log
+        self._reactor = reactor
+        self._previous_sighup = None
         self.site = QuietSite(resource)
         for description in listen:
             self._listen(description, self.site, reactor)
@@ -129,11 +132,20 @@ class PackageCacheService(MultiService):
             self.cache.startService()
         except OSError as error:
             raise cannot_use_cache(self.resource.store, error) from None
+        if self._access_log is not None:
+            # After a rotation (logrotate without copytruncate).
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum, frame) -> None:
+        self._reactor.callFromThread(self._access_log.reopen)
 
     def stopService(self) -> "Deferred[None]":
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         await super().stopService()
         if self._access_log is not None:
             self._access_log.close()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import select
 import signal
 import socket
 import stat
@@ -711,65 +710,6 @@ def _begin_logging(spec: WorkerSpec) -> None:
     )
 
 
-class _AppendingFile:
-    """
-    The access log's file for :class:`~pkgcache.accesslog.AccessLog`,
-    which writes whole lines in each ``write``: opened ``O_APPEND``, so
-    that the lines of several workers never mix; reopened by name on
-    SIGHUP (after a rotation).
-    """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._fd = self._open()
-
-    def _open(self) -> int:
-        return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-
-    def write(self, data: bytes) -> int:
-        return os.write(self._fd, data)
-
-    def flush(self) -> None:
-        pass
-
-    def reopen(self) -> None:
-        """
-        :raises OSError: if it cannot be opened again (the old file is
-            then kept).
-        """
-        old, self._fd = self._fd, self._open()
-        os.close(old)
-
-
-def whole_lines(data: bytes, size: int) -> Iterable[bytes]:
-    """``data`` in pieces of whole lines, of ``size`` bytes at most unless one line is longer."""
-    start = 0
-    while start < len(data):
-        end = data.rfind(b"\n", start, start + size) + 1
-        if end <= start:
-            end = data.find(b"\n", start) + 1 or len(data)
-        yield data[start:end]
-        start = end
-
-
-class _SharedStandardOutput:
-    """
-    Standard output, shared with the other workers, for an access log of
-    ``-``: a pipe (or the journal's socket) keeps a ``write`` whole only up
-    to ``PIPE_BUF`` bytes, so batches are cut into writes that size at most,
-    each of whole lines (a longer line is one write of its own).
-    """
-
-    def write(self, data: bytes) -> int:
-        for piece in whole_lines(data, select.PIPE_BUF):
-            while piece:
-                piece = piece[os.write(1, piece):]
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 class WorkerService(MultiService):
     """
     One worker: the resource of ``spec.config`` (with its store and
@@ -785,13 +725,7 @@ class WorkerService(MultiService):
         self.spec = spec
         self.reactor = reactor
         path = spec.config["access-log"]
-        self._log_file: Optional[_AppendingFile] = None
-        self.access_log: Optional[AccessLog] = None
-        if path == "-":
-            self.access_log = AccessLog(_SharedStandardOutput(), reactor)
-        elif path is not None:
-            self._log_file = _AppendingFile(path)
-            self.access_log = AccessLog(self._log_file, reactor)
+        self.access_log = None if path is None else AccessLog.open(path, reactor)
         self.resource = make_resource(spec.config, reactor, self.access_log)
         self.cache = CacheService(self.resource, None, reactor)
         self.site = QuietSite(self.resource)
@@ -844,16 +778,8 @@ class WorkerService(MultiService):
             await self.cache.stopService()
 
     def reopen_access_log(self) -> None:
-        if self._log_file is None:
-            return
-        path = self.spec.config["access-log"]
-        try:
-            self._log_file.reopen()
-        except OSError as error:
-            log.error("worker {index} could not reopen {path}: {error}; it goes on writing "
-                      "to the old file", index=self.spec.index, path=path, error=error)
-        else:
-            log.info("worker {index} reopened {path}", index=self.spec.index, path=path)
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def metrics(self) -> list[dict]:
         return registry_families(self.resource.metrics.registry)

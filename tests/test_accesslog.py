@@ -189,6 +189,31 @@ def test_a_file_is_opened_for_appending_and_shared_line_by_line(tmp_path):
     assert all(line == _one_line(line.split(b'"')[1].split()[1]).rstrip(b"\n") for line in lines)
 
 
+def test_reopen_writes_what_waits_then_goes_on_in_a_new_file(tmp_path):
+    """logrotate moves the file away, then SIGHUP: the next lines go to a new one."""
+    path = tmp_path / "access.log"
+    access_log = AccessLog.open(str(path), started(Clock()))
+    access_log.record(FinishedRequest(b"/before"), Outcome.HIT, False)
+    path.rename(tmp_path / "access.log.1")
+    access_log.reopen()
+    access_log.record(FinishedRequest(b"/after"), Outcome.HIT, False)
+    access_log.close()
+    assert (tmp_path / "access.log.1").read_bytes() == _one_line(b"/before")
+    assert path.read_bytes() == _one_line(b"/after")
+
+
+def test_a_log_that_cannot_be_reopened_goes_on_in_the_old_file(tmp_path):
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    access_log = AccessLog.open(str(directory / "access.log"), started(Clock()))
+    (directory / "access.log").rename(tmp_path / "access.log.1")
+    directory.rmdir()
+    access_log.reopen()
+    access_log.record(FinishedRequest(b"/after"), Outcome.HIT, False)
+    access_log.close()
+    assert (tmp_path / "access.log.1").read_bytes() == _one_line(b"/after")
+
+
 def test_standard_output_is_written_unbuffered(capfd):
     clock = started(Clock())
     access_log = AccessLog.open("-", clock)
