@@ -8,9 +8,8 @@ the answer cached.  :class:`RedirectPolicyAgent` follows a redirect only to
 the origin (scheme, host and port) of a configured source, never from https to
 http, and at most ``max_hops`` times; anything else fails the request with
 :class:`RedirectRefused`, which the upstream client counts as that source's
-failure.  :mod:`pkgcache.upstream` sends its requests to it directly; under
-treq, pass ``allow_redirects=False``, so that treq adds no redirect agent of
-its own::
+failure.  Use it with treq's ``allow_redirects=False``, so that treq adds no
+redirect agent of its own::
 
     agent = RedirectPolicyAgent(Agent(reactor), allowed_origins(source_urls))
     HTTPClient(agent).get(url, allow_redirects=False, unbuffered=True)

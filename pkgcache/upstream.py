@@ -7,21 +7,20 @@ last), and hands back the first usable response.  The body is then streamed
 chunk by chunk through :meth:`UpstreamResponse.stream`, with an idle timer
 that a stalled source cannot outlive and a size limit a body cannot pass.
 
-Requests go straight to a ``twisted.web.client`` agent that carries our own
-rules: :class:`~pkgcache.redirects.RedirectPolicyAgent` (redirects only
-within the sources) and :class:`IdentityEncodingAgent` (a cache must store
-exactly the bytes the mirror stores).  treq would add nothing we use here:
-we never buffer a body (treq does, unless told not to), never follow its
-redirects, never decode gzip and keep no cookies for mirrors; and it costs
-each process its import.  The agent beneath is injected, so that tests can
-put an in-memory one there.
+Requests go through ``treq`` with ``unbuffered=True`` (treq otherwise holds
+whole bodies in memory) and ``allow_redirects=False``, over an agent that
+carries our own rules: :class:`~pkgcache.redirects.RedirectPolicyAgent`
+(redirects only within the sources) and :class:`IdentityEncodingAgent`
+(treq asks for gzip and decompresses: a cache must store exactly the bytes
+the mirror stores).  The agent beneath is injected, so that tests can put
+an in-memory one there.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-from hyperlink import EncodedURL
+from treq.client import HTTPClient
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -65,10 +64,10 @@ class IdentityEncodingAgent:
     An agent that asks for, and hands back, the bytes as the server stores
     them.
 
-    It sends ``Accept-Encoding: identity`` on the way out, and hides any
-    ``Content-Encoding`` a server sends regardless (say, for a ``.tar.gz``)
-    on the way back, so that nothing after it (a ``ContentDecoderAgent``
-    put around it, or a client we pass the answer on to) decodes the file.
+    treq wraps every agent in a ``ContentDecoderAgent`` that asks for gzip
+    and decompresses: we override its ``Accept-Encoding`` on the way out,
+    and hide any ``Content-Encoding`` a server sends regardless (say, for a
+    ``.tar.gz``) on the way back, so nothing is decoded.
     """
 
     def __init__(self, agent: IAgent) -> None:
@@ -314,7 +313,7 @@ class UpstreamClient:
         if agent is None:
             agent, self._pool = network_agent(reactor, connect_timeout)
         agent = RedirectPolicyAgent(agent, allowed_origins(source.url for source in self.sources))
-        self._agent = IdentityEncodingAgent(agent)
+        self._http = HTTPClient(IdentityEncodingAgent(agent))
 
     def close(self) -> "Deferred[None]":
         """Close idle connections to the sources (on shutdown)."""
@@ -425,8 +424,9 @@ class UpstreamClient:
             headers[b"If-None-Match"] = [validators.etag]
         if validators is not None and validators.last_modified is not None:
             headers[b"If-Modified-Since"] = [validators.last_modified]
-        requesting = self._agent.request(
-            method, _request_uri(source.url_for(key)), Headers(headers)
+        requesting = self._http.request(
+            method.decode("ascii"), source.url_for(key), headers=headers,
+            unbuffered=True, allow_redirects=False,
         )
         timer = IdleTimer(self.clock, self.idle_timeout, requesting.cancel)
         timer.touch()
@@ -461,15 +461,6 @@ class UpstreamClient:
                 response.deliverBody(DiscardBody())
             raise problem
         return upstream
-
-
-def _request_uri(url: str) -> bytes:
-    """
-    ``url`` as a request's URI: in ASCII, its host IDNA-encoded and anything
-    else outside ASCII percent-encoded (as treq, which pkgcache once sent
-    its requests through, made it).
-    """
-    return EncodedURL.from_text(url).to_uri().to_text().encode("ascii")
 
 
 class _SourceFailed(Exception):
