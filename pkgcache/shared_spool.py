@@ -47,7 +47,7 @@ import errno
 import fcntl
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 from twisted.logger import Logger
@@ -55,7 +55,7 @@ from twisted.web import http
 from twisted.web.http_headers import Headers
 
 from pkgcache.metadata import EntryMetadata
-from pkgcache.sources import AllSourcesFailed, Attempt, FailureKind, Source
+from pkgcache.sources import AllSourcesFailed, Attempt, FailureKind, Source, SourceAnswer
 
 #: The extended attribute of a shared spool that holds its record.
 RECORD_XATTR = "user.pkgcache.spool"
@@ -244,7 +244,7 @@ def _sources_failure(failure: Optional[dict]) -> Optional[AllSourcesFailed]:
         return None
 
 
-class FollowedResponse:
+class FollowedResponse(SourceAnswer):
     """
     The source's response as the downloading process received it: what
     the resource reads of an :class:`~pkgcache.upstream.UpstreamResponse`
@@ -260,27 +260,6 @@ class FollowedResponse:
         for name, value in headers.fields.items():
             self.headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
         self.total_length = self.body_length = headers.length
-
-    @property
-    def not_modified(self) -> bool:
-        return self.code == http.NOT_MODIFIED
-
-    def header(self, name: bytes) -> Optional[bytes]:
-        return self.headers.getRawHeaders(name, [None])[0]
-
-    @property
-    def content_type(self) -> Optional[bytes]:
-        return self.header(b"content-type")
-
-    @property
-    def last_modified(self) -> Optional[float]:
-        value = self.header(b"last-modified")
-        if value is None:
-            return None
-        try:
-            return float(http.stringToDatetime(value))
-        except (ValueError, IndexError, KeyError):
-            return None
 
 
 def _source(text: str) -> Union[Source, str]:

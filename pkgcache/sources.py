@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 from urllib.parse import quote
 
 from hyperlink import DecodedURL
@@ -19,6 +19,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 
 from pkgcache.paths import CacheKey
+
+if TYPE_CHECKING:
+    from twisted.web.http_headers import Headers
 
 
 class Source:
@@ -182,3 +185,38 @@ class SourceHealth:
         """
         down = [source for source in sources if self.is_down(source)]
         return [source for source in sources if source not in down] + down
+
+
+class SourceAnswer:
+    """
+    What the headers of a source's answer say, for whoever holds them as
+    ``code`` and ``headers`` (a :class:`twisted.web.http_headers.Headers`):
+    a response being received, or one another process received
+    (:mod:`pkgcache.shared_spool`).
+    """
+
+    code: int
+    headers: "Headers"
+
+    @property
+    def not_modified(self) -> bool:
+        """The source said the copy we have is still its file (304)."""
+        return self.code == http.NOT_MODIFIED
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        return self.headers.getRawHeaders(name, [None])[0]
+
+    @property
+    def content_type(self) -> Optional[bytes]:
+        return self.header(b"content-type")
+
+    @property
+    def last_modified(self) -> Optional[float]:
+        """``Last-Modified`` as seconds since the epoch, or ``None``."""
+        value = self.header(b"last-modified")
+        if value is None:
+            return None
+        try:
+            return float(http.stringToDatetime(value))
+        except (ValueError, IndexError, KeyError):
+            return None

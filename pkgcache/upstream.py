@@ -38,7 +38,9 @@ from pkgcache.metadata import EntryMetadata
 from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
 from pkgcache.redirects import DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins
-from pkgcache.sources import AllSourcesFailed, Attempt, FailureKind, Source, SourceHealth
+from pkgcache.sources import (
+    AllSourcesFailed, Attempt, FailureKind, Source, SourceAnswer, SourceHealth,
+)
 from pkgcache.timers import IdleTimer
 
 USER_AGENT = f"pkgcache/{__version__}".encode("ascii")
@@ -161,7 +163,7 @@ class _BodyReceiver(Protocol):
         self.transport.stopProducing()
 
 
-class UpstreamResponse:
+class UpstreamResponse(SourceAnswer):
     """
     A source's answer, headers received and body not yet read.
 
@@ -183,29 +185,6 @@ class UpstreamResponse:
         self.total_length: Optional[int] = (
             None if self.body_length is None else offset + self.body_length
         )
-
-    @property
-    def not_modified(self) -> bool:
-        """The source said the copy we have is still its file (304)."""
-        return self.code == http.NOT_MODIFIED
-
-    def header(self, name: bytes) -> Optional[bytes]:
-        return self.headers.getRawHeaders(name, [None])[0]
-
-    @property
-    def content_type(self) -> Optional[bytes]:
-        return self.header(b"content-type")
-
-    @property
-    def last_modified(self) -> Optional[float]:
-        """``Last-Modified`` as seconds since the epoch, or ``None``."""
-        value = self.header(b"last-modified")
-        if value is None:
-            return None
-        try:
-            return float(http.stringToDatetime(value))
-        except (ValueError, IndexError, KeyError):
-            return None
 
     def stream(self, on_chunk: Callable[[bytes], None]) -> "Deferred[None]":
         """
