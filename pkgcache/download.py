@@ -65,8 +65,8 @@ from pkgcache.upstream import BodyFailed, BodyTooLarge, UpstreamClient, Upstream
 #: The source is paused when this much of its body waits in memory (for the
 #: disk or, once the spool is lost, for the slowest follower), and resumed
 #: when that is back under the low mark.
-MEMORY_HIGH_WATER = 8 * 1024 * 1024
-MEMORY_LOW_WATER = 2 * 1024 * 1024
+MEMORY_HIGH_WATER = 4 * 1024 * 1024
+MEMORY_LOW_WATER = 1024 * 1024
 #: A body that breaks off is resumed from another source, this many times
 #: at most, so that a file no source delivers whole fails instead of looping.
 MAX_RESUMES = 10
