@@ -17,6 +17,7 @@ from twisted.web.server import Site
 
 from pkgcache.accesslog import AccessLog
 from pkgcache.cache_limit import CacheLimit
+from pkgcache.health import HealthResource, HealthRoot
 from pkgcache.resource import PackageCacheResource
 
 
@@ -45,6 +46,16 @@ class QuietSite(Site):
 
     def log(self, request) -> None:
         pass
+
+
+def serving_site(resource: PackageCacheResource) -> tuple[QuietSite, HealthResource]:
+    """
+    The site of a serving port: ``resource`` at its root, and the health
+    URL a balancer polls (:mod:`pkgcache.health`), to be told when the
+    node stops.
+    """
+    health = HealthResource(resource.store)
+    return QuietSite(HealthRoot(resource, health)), health
 
 
 class CacheService(MultiService):
@@ -111,7 +122,7 @@ class PackageCacheService(MultiService):
         self._access_log = access_log
         self._reactor = reactor
         self._previous_sighup = None
-        self.site = QuietSite(resource)
+        self.site, self._health = serving_site(resource)
         for description in listen:
             self._listen(description, self.site, reactor)
         if metrics_listen is not None:
@@ -143,6 +154,7 @@ class PackageCacheService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self._health.stopping = True
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None

@@ -63,7 +63,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pkgcache.accesslog import AccessLog
 from pkgcache.cache_limit import CacheLimit
 from pkgcache.metrics import Metrics
-from pkgcache.service import CacheService, QuietSite, cannot_listen, cannot_use_cache
+from pkgcache.service import (
+    CacheService, QuietSite, cannot_listen, cannot_use_cache, serving_site,
+)
 from pkgcache.store import CacheStore
 
 log = Logger()
@@ -728,7 +730,7 @@ class WorkerService(MultiService):
         self.access_log = None if path is None else AccessLog.open(path, reactor)
         self.resource = make_resource(spec.config, reactor, self.access_log)
         self.cache = CacheService(self.resource, None, reactor)
-        self.site = QuietSite(self.resource)
+        self.site, self._health = serving_site(self.resource)
         self.ports: list[IListeningPort] = []
         self.channel = _SupervisorChannel(self)
 
@@ -769,6 +771,7 @@ class WorkerService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self._health.stopping = True
         ports, self.ports = self.ports, []
         await DeferredList([port.stopListening() for port in ports], consumeErrors=True)
         await super().stopService()

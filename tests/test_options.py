@@ -123,7 +123,7 @@ def test_make_service_listens_on_every_endpoint(tmp_path):
     assert len(listeners) == 2
     assert all(isinstance(listener, StreamServerEndpointService) for listener in listeners)
     assert isinstance(service.resource, PackageCacheResource)
-    assert service.site.resource is service.resource
+    assert service.site.resource.resource is service.resource  # behind the health URL
     assert [str(s) for s in service.resource.upstream.sources] == ["http://a.example/"]
     assert os.path.isdir(tmp_path / "cache")
 
