@@ -102,6 +102,14 @@ def _client_max_age(request: Request) -> Optional[float]:
     return limit
 
 
+def _only_if_cached(request: Request) -> bool:
+    """The client wants a stored answer or none (a sibling cache asking: issue 9's peers)."""
+    header = request.getHeader(b"cache-control")
+    return header is not None and any(
+        directive.strip().lower() == b"only-if-cached" for directive in header.split(b",")
+    )
+
+
 class PackageCacheResource(Resource):
     """
     A caching mirror of ``sources``, mountable anywhere in a site.
@@ -327,6 +335,13 @@ class PackageCacheResource(Resource):
         volatile: bool,
         revalidation: Optional["_Revalidation"],
     ) -> None:
+        if _only_if_cached(request):
+            # Nothing fresh stored, and the client said not to fetch it.
+            if revalidation is not None:
+                revalidation.copy.close()
+            record.outcome = Outcome.MISS
+            _cache_status(request, "detail=only-if-cached")
+            return send_error(request, http.GATEWAY_TIMEOUT, "not in this cache (only-if-cached)")
         rewritten = self._rewriter is not None and self._rewriter.applies(key)
         if request.method == b"HEAD" and revalidation is None and not rewritten:
             # (A rewritten document's length is known only once it is.)
