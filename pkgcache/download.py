@@ -148,12 +148,14 @@ class Download:
         check: Optional[IPublicationCheck] = None,
         shared: bool = False,
         on_finished: Optional[Callable[["Download"], None]] = None,
+        via: Optional[bytes] = None,
     ) -> None:
         self.key = key
         self._clock = clock
         self._stale = revalidating
         self.revalidating = revalidating is not None
         self._conditional = conditional
+        self._via = via
         self._volatile = volatile
         self._digest = hashlib.sha256() if volatile else None
         self._check = check
@@ -370,7 +372,8 @@ class Download:
         try:
             validators = self._stale if self._conditional else None
             response = await self._upstream.fetch(
-                self.key, revalidating=validators.metadata if validators is not None else None
+                self.key, revalidating=validators.metadata if validators is not None else None,
+                via=self._via,
             )
             self.checked_at = self._clock.seconds()
             if response.not_modified:
@@ -477,6 +480,7 @@ class Download:
                 offset=self.received,
                 total_length=self.length,
                 after=broken_response.source,
+                via=self._via,
             )
         except AllSourcesFailed as failed:
             raise BodyFailed(f"{broken}; no source could resume: {failed}") from None
@@ -829,6 +833,7 @@ class Downloads:
         revalidating: Optional[CachedFile] = None,
         conditional: bool = True,
         volatile: bool = False,
+        via: Optional[bytes] = None,
     ) -> tuple[Download, bool]:
         """
         :param revalidating: the stale copy of ``key``, to revalidate; the
@@ -837,6 +842,8 @@ class Downloads:
             known to be wrong: its source would confirm it with a 304).
         :param volatile: the file may change in place: its digest is kept,
             and the publication check is asked before it is published.
+        :param via: the ``Via`` of its requests to the sources (that of the
+            client request that starts it, with this node: pkgcache.via).
         :return: the download of ``key``, and whether it was already running
             (here, or in another process that it follows).
         """
@@ -858,6 +865,7 @@ class Downloads:
                 running.key == key and running.holds_shared_spool for running in self._running
             ),
             on_finished=self._running.discard,
+            via=via,
         )
         self._by_key[key] = download
         self._running.add(download)

@@ -35,6 +35,7 @@ from pkgcache.responses import Entity, failure_response, send_entity, send_error
 from pkgcache.sources import AllSourcesFailed, Source
 from pkgcache.store import CachedFile, CacheStore
 from pkgcache.upstream import UpstreamClient, UpstreamResponse
+from pkgcache.via import LOOP_DETECTED, default_node_name, extended, passed
 
 ALLOWED_METHODS = (b"GET", b"HEAD")
 #: The largest document rewritten (the biggest PyPI pages and npm
@@ -70,9 +71,14 @@ class _RequestRecord:
     started: float = 0.0
 
 
-def _cache_status(request: Request, *parameters: str) -> None:
-    """Say what the cache did, as RFC 9211 ``Cache-Status`` does."""
-    request.setHeader(b"cache-status", "; ".join(("pkgcache",) + parameters).encode("ascii"))
+def _cache_status(request: Request, *parameters: str, upstream: Optional[bytes] = None) -> None:
+    """
+    Say what the cache did, as RFC 9211 ``Cache-Status`` does: after the
+    entries of the caches the answer came through (``upstream``: those of
+    a source that is a cache itself, a tier nearer the origin).
+    """
+    entry = "; ".join(("pkgcache",) + parameters).encode("ascii")
+    request.setHeader(b"cache-status", upstream + b", " + entry if upstream else entry)
 
 
 #: The ``Cache-Status`` of an immutable hit, the most common answer.
@@ -153,6 +159,8 @@ class PackageCacheResource(Resource):
     :param public_url: the URL clients reach pkgcache by (behind a load
         balancer), for links that must be absolute; else each request's
         own ``Host``.
+    :param node_name: this node's name in ``Via`` (a token; by default the
+        host's name): a request that already passed it is refused (508).
     """
 
     isLeaf = True
@@ -183,6 +191,7 @@ class PackageCacheResource(Resource):
         name: str = "",
         rewriter: Optional[IDocumentRewriter] = None,
         public_url: Optional[str] = None,
+        node_name: Optional[str] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -191,6 +200,8 @@ class PackageCacheResource(Resource):
             raise ValueError("a cache directory is needed")
         self._reactor = reactor
         self.name = name
+        self.node = (node_name or default_node_name()).encode("ascii")
+        self._served_via = extended(None, self.node)
         self._rewriter = rewriter
         self._public_url = public_url
         self._access_log = access_log
@@ -260,6 +271,14 @@ class PackageCacheResource(Resource):
         if not self.store.running:
             # Not started (see CacheService), or closed.
             return send_error(request, http.SERVICE_UNAVAILABLE, "the cache is not running")
+        incoming_via = request.getHeader(b"via")
+        if passed(incoming_via, self.node):
+            return send_error(
+                request, LOOP_DETECTED,
+                f"loop detected: this request already passed through {self.node.decode()}",
+                phrase=b"Loop Detected",
+            )
+        request.setHeader(b"via", self._served_via)
         if request.method not in ALLOWED_METHODS:
             request.setHeader(b"allow", b", ".join(ALLOWED_METHODS))
             return send_error(request, http.NOT_ALLOWED, "only GET and HEAD are supported")
@@ -388,6 +407,7 @@ class PackageCacheResource(Resource):
             revalidating=stale,
             conditional=revalidation is None or revalidation.conditional,
             volatile=volatile,
+            via=extended(request.getHeader(b"via"), self.node),
         )
         if revalidation is None:
             forwarded = "fwd=miss"
@@ -438,7 +458,10 @@ class PackageCacheResource(Resource):
             if kept and stale is not None:
                 # Refused (older than the copy): the copy is the answer.
                 record.outcome = Outcome.REVALIDATED
-            _cache_status(request, forwarded, f"fwd-status={response.code}", *kept)
+            _cache_status(
+                request, forwarded, f"fwd-status={response.code}", *kept,
+                upstream=response.header(b"cache-status"),
+            )
             return self._answer_from_store(request, key)
         if client_gone:
             return
@@ -446,6 +469,7 @@ class PackageCacheResource(Resource):
             request, forwarded, f"fwd-status={response.code}",
             *(["stored"] if download.caching else []),
             *(["collapsed"] if joined else []),
+            upstream=response.header(b"cache-status"),
         )
         self._stream(request, download, response)
 
@@ -504,7 +528,9 @@ class PackageCacheResource(Resource):
             return
         if cached is not None:
             log.info("refetching {path}: it no longer matches its index", path=str(key))
-            self.downloads.join_or_start(key, revalidating=cached, conditional=False, volatile=True)
+            self.downloads.join_or_start(
+                key, revalidating=cached, conditional=False, volatile=True, via=self._served_via
+            )
 
     async def _head_miss(self, request: Request, key: CacheKey, record: _RequestRecord) -> None:
         """
@@ -518,7 +544,9 @@ class PackageCacheResource(Resource):
             response, last_modified = download.response, download.last_modified
         else:
             try:
-                response = await self.upstream.fetch(key, method=b"HEAD")
+                response = await self.upstream.fetch(
+                    key, method=b"HEAD", via=extended(request.getHeader(b"via"), self.node)
+                )
             except AllSourcesFailed as failed:
                 self._sources_failed(key, failed, revalidation=False, counted=False)
                 record.outcome = Outcome.ERROR

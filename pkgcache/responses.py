@@ -383,10 +383,15 @@ def failure_response(reason: BaseException) -> tuple[int, str]:
     return BAD_GATEWAY, "the download failed"
 
 
-def send_error(request: Request, status: int, message: str) -> None:
-    """A short plain-text answer, finished at once (if the client is still there)."""
+def send_error(
+    request: Request, status: int, message: str, phrase: Optional[bytes] = None
+) -> None:
+    """
+    A short plain-text answer, finished at once (if the client is still
+    there); ``phrase``, the reason phrase of a status Twisted has none for.
+    """
     body = (message + "\n").encode("utf-8")
-    request.setResponseCode(status)
+    request.setResponseCode(status, phrase)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"content-length", b"%d" % (len(body),))

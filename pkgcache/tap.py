@@ -21,6 +21,7 @@ from pkgcache.root import MirrorsResource
 from pkgcache.service import PackageCacheService
 from pkgcache.store import CacheStore
 from pkgcache.upstream import Source
+from pkgcache.via import is_node_name
 from pkgcache.workers import SHAREABLE_ENDPOINTS, Supervisor, worker_count
 
 DEFAULT_LISTEN = "tcp:4000"
@@ -123,6 +124,11 @@ class Options(usage.Options):
         ["access-log", None, None,
          "File to append an access log to, in the combined log format with "
          "the cache outcome appended; - for standard output."],
+        ["node-name", None, None,
+         "This node's name in the Via header of the requests it sends and the "
+         "answers it serves (a token); a request whose Via already names it "
+         "is refused with 508, so caches that are each other's sources fail "
+         "at once instead of looping. [default: the host name]"],
         ["public-url", None, None,
          "The absolute http(s) URL clients reach pkgcache by, behind a load "
          "balancer or reverse proxy (e.g. https://cache.example/), for the "
@@ -306,6 +312,10 @@ class Options(usage.Options):
             )
         if self["public-url"] is not None:
             _check_public_url(self["public-url"])
+        if self["node-name"] is not None and not is_node_name(self["node-name"]):
+            raise usage.UsageError(
+                f"--node-name {self['node-name']!r}: letters, digits and !#$%&'*+.^_`|~- only"
+            )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:
@@ -454,6 +464,7 @@ def make_resource(config, reactor, access_log: Optional[AccessLog]):
         min_revalidation_interval=config["min-revalidation-interval"],
         public_url=config["public-url"],
         log_requests=bool(config["log-requests"]),
+        node_name=config["node-name"],
     )
     if config["mirrors"]:
         return MirrorsResource(config["mirrors"], config["cache-dir"], **options)

@@ -309,6 +309,7 @@ class UpstreamClient:
         total_length: Optional[int] = None,
         after: Optional[Source] = None,
         revalidating: Optional[EntryMetadata] = None,
+        via: Optional[bytes] = None,
     ) -> UpstreamResponse:
         """
         Ask each source in turn for ``key`` until one answers usably.
@@ -322,6 +323,7 @@ class UpstreamClient:
         :param revalidating: what we know of a cached copy: the source it
             came from is asked first, with its validators (a 304 from it
             is a usable answer); the others are asked plainly.
+        :param via: the ``Via`` header to send (see :mod:`pkgcache.via`).
         :raises AllSourcesFailed: if none did.
         """
         attempts: list[Attempt] = []
@@ -333,7 +335,9 @@ class UpstreamClient:
                 self.metrics.failovers.inc()
             validators = revalidating if source is producer else None
             try:
-                response = await self._try(source, key, method, offset, total_length, validators)
+                response = await self._try(
+                    source, key, method, offset, total_length, validators, via
+                )
             except _SourceFailed as failed:
                 attempt = Attempt(source, failed.kind, failed.detail)
                 attempts.append(attempt)
@@ -393,8 +397,11 @@ class UpstreamClient:
         offset: int,
         total_length: Optional[int],
         validators: Optional[EntryMetadata] = None,
+        via: Optional[bytes] = None,
     ) -> UpstreamResponse:
         headers = {b"User-Agent": [USER_AGENT]}
+        if via:
+            headers[b"Via"] = [via]
         if key.representation:
             headers[b"Accept"] = [self._accept[key.representation]]
         if offset:

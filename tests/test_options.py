@@ -80,6 +80,8 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--stale-if-error", "inf"], "--stale-if-error: a number"),
         (["--source", "http://a/", "--min-revalidation-interval", "-1"],
          "--min-revalidation-interval: a number"),
+        (["--source", "http://a/", "--node-name", "two words"], "--node-name 'two words'"),
+        (["--source", "http://a/", "--node-name", "a,b"], "--node-name 'a,b'"),
         (["--source", "http://a/", "--public-url", "cache.example"],
          "--public-url 'cache.example': not an absolute http:// or https:// URL"),
         (["--source", "http://a/", "--public-url", "/pkgcache/"], "not an absolute http"),
@@ -213,6 +215,7 @@ CONFIG_VALUES = {
     "stale-if-error": (0, lambda o: o["stale-if-error"] == 0.0),
     "min-revalidation-interval": (60, lambda o: o["min-revalidation-interval"] == 60.0),
     "log-requests": (True, lambda o: o["log-requests"] == 1),
+    "node-name": ("office-1", lambda o: o["node-name"] == "office-1"),
     "listen": (["tcp:0:interface=127.0.0.1"],
                lambda o: o["listen"] == ["tcp:0:interface=127.0.0.1"]),
     "workers": (3, lambda o: o["workers"] == 3),
@@ -265,3 +268,11 @@ def test_a_flag_in_a_config_file_must_be_a_boolean(tmp_path):
     config.write_text('log-requests = "yes"\nsource = ["http://a.example/"]\n')
     with pytest.raises(usage.UsageError, match="'log-requests' must be true or false"):
         parse("--config", str(config), "--cache-dir", str(tmp_path / "cache"))
+
+
+def test_the_node_name_reaches_every_tree(tmp_path):
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert makeService(parse("--source", "http://a/", "--node-name", "dc-1", *cache)).resource.node == b"dc-1"
+    root = makeService(parse("--mirror", "npm:npm=http://a/", "--node-name", "dc-1", *cache)).resource
+    assert root.mirrors["npm"].tree.node == b"dc-1"
+    assert makeService(parse("--source", "http://a/", *cache)).resource.node  # the host's
