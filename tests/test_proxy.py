@@ -363,6 +363,8 @@ async def test_directory_requests_are_404_never_a_listing(origin, make_proxy, ht
     origin.add(PATH, FILE)
     proxy = make_proxy([origin.url])
     await fetch(http, proxy.url + PATH)
+    # Only once it is published are its directories there to be refused.
+    await proxy.published(PATH)
     for path in ("/", "/distfiles/", "/distfiles/ab/", "/distfiles", "/distfiles/ab"):
         response, body = await fetch(http, proxy.url + path)
         assert response.code == 404, path
