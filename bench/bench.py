@@ -292,7 +292,7 @@ ORIGIN_SERVER = """\
 # coalescing being compared.
 PROXY_SERVER = """\
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{listen_options};
         access_log {dir}/proxy-access.log bench;
         location / {{
             proxy_pass http://127.0.0.1:{origin_port};
@@ -710,9 +710,10 @@ class Bench:
         self.proxy_port, self.proxy_throttled_port = free_port(), free_port()
         proxy_dir = self.work / "nginx-proxy"
         servers = PROXY_CACHE_PATH.format(dir=proxy_dir) + PROXY_SERVER.format(
-            port=self.proxy_port, dir=proxy_dir, origin_port=self.origin_port
+            port=self.proxy_port, dir=proxy_dir, origin_port=self.origin_port, listen_options=""
         ) + PROXY_SERVER.format(
-            port=self.proxy_throttled_port, dir=proxy_dir, origin_port=self.throttled_port
+            port=self.proxy_throttled_port, dir=proxy_dir, origin_port=self.throttled_port,
+            listen_options="",
         )
         self.proxy = start_nginx(
             self.processes, proxy_dir, servers, [self.proxy_port, self.proxy_throttled_port]

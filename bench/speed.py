@@ -50,23 +50,6 @@ MANY_FILE_SIZE = 100 * 1024
 MANY_CLIENTS = 8
 HIT_CONNECTIONS = 64
 
-SPEED_PROXY_SERVER = """\
-    proxy_cache_path {dir}/cache levels=1:2 keys_zone=speed:16m max_size=64g inactive=1d use_temp_path=off;
-    server {{
-        listen 127.0.0.1:{port} backlog=1024;
-        access_log {dir}/proxy-access.log bench;
-        location / {{
-            proxy_pass http://127.0.0.1:{origin_port};
-            proxy_cache speed;
-            proxy_cache_valid 200 1d;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 10m;
-            proxy_cache_lock_age 10m;
-            add_header X-Cache-Status $upstream_cache_status always;
-        }}
-    }}
-"""
-
 #: One line per transfer: status, bytes, total and first-byte seconds.
 CURL_TIMES = "%{http_code} %{size_download} %{time_total} %{time_starttransfer}\\n"
 
@@ -177,7 +160,10 @@ class Speed:
         directory = bench.work / "nginx-speed"
         nginx = harness.start_nginx(
             bench.processes, directory,
-            SPEED_PROXY_SERVER.format(port=port, dir=directory, origin_port=bench.origin_port),
+            harness.PROXY_CACHE_PATH.format(dir=directory) + harness.PROXY_SERVER.format(
+                port=port, dir=directory, origin_port=bench.origin_port,
+                listen_options=" backlog=1024",
+            ),
             [port], workers=NGINX_WORKERS, nopush=False,
         )
         self.nginx_cache = directory / "cache"
