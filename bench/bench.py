@@ -358,8 +358,8 @@ def start_nginx(
     return process
 
 
-def nginx_worker(master: subprocess.Popen) -> int:
-    """The pid of the worker (not the cache manager or loader) under ``master``."""
+def nginx_workers(master: subprocess.Popen) -> list[int]:
+    """The pids of the workers (not the cache manager or loader) under ``master``."""
     workers = []
     for pid in children_of(master.pid):
         try:
@@ -368,6 +368,12 @@ def nginx_worker(master: subprocess.Popen) -> int:
                     workers.append(pid)
         except OSError:
             continue
+    return workers
+
+
+def nginx_worker(master: subprocess.Popen) -> int:
+    """The pid of the one worker under ``master``."""
+    workers = nginx_workers(master)
     if len(workers) != 1:
         raise RuntimeError(f"expected one nginx worker under {master.pid}, found {workers}")
     return workers[0]

@@ -84,28 +84,9 @@ class Subject:
     def url(self, label: str, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/v/{label}/{name}"
 
-    def serving_pids(self) -> list[int]:
-        """The processes that answer clients: nginx's or pkgcache's workers, or the one pkgcache."""
-        if self.is_nginx:
-            return _nginx_workers(self.process)
-        if self.workers == 1:
-            return [self.process.pid]
-        return harness.children_of(self.process.pid)
-
     def all_pids(self) -> list[int]:
+        """The pkgcache process and its workers, if any."""
         return [self.process.pid, *harness.children_of(self.process.pid)]
-
-
-def _nginx_workers(master: subprocess.Popen) -> list[int]:
-    workers = []
-    for pid in harness.children_of(master.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                if b"worker process" in cmdline.read():
-                    workers.append(pid)
-        except OSError:
-            continue
-    return workers
 
 
 def curl(urls: list[str], limit_rate: Optional[str] = None) -> list[str]:
