@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
 from twisted.web.server import Request
 
+from pkgcache.forwarded import TrustedProxies
 from pkgcache.outcomes import Outcome
 
 #: The longest a line waits in memory, in seconds.
@@ -121,11 +122,16 @@ class AccessLog:
         its ``write`` (then of its ``flush``).
     :param clock: gives the time each line is stamped with, and runs the
         flush that follows the first line of a batch.
+    :param trusted_proxies: peers whose ``Forwarded``/``X-Forwarded-For``
+        says who the client is (see :mod:`pkgcache.forwarded`).
     """
 
-    def __init__(self, stream: BinaryIO, clock) -> None:
+    def __init__(
+        self, stream: BinaryIO, clock, trusted_proxies: TrustedProxies = TrustedProxies()
+    ) -> None:
         self._stream = stream
         self._clock = clock
+        self._trusted_proxies = trusted_proxies
         self._lines: list[bytes] = []
         self._waiting = 0
         self._flush_call: Optional[IDelayedCall] = None
@@ -135,14 +141,17 @@ class AccessLog:
         self._stamp = ""
 
     @classmethod
-    def open(cls, path: str, clock) -> "AccessLog":
+    def open(
+        cls, path: str, clock, trusted_proxies: TrustedProxies = TrustedProxies()
+    ) -> "AccessLog":
         """
         ``path``, opened for appending (``O_APPEND``, no buffer of its own);
         ``-`` is standard output.
 
         :raises OSError: if the file cannot be opened.
         """
-        return cls(_StandardOutput() if path == "-" else _AppendingFile(path), clock)
+        stream = _StandardOutput() if path == "-" else _AppendingFile(path)
+        return cls(stream, clock, trusted_proxies)
 
     def reopen(self) -> None:
         """
@@ -164,6 +173,13 @@ class AccessLog:
     def record(self, request: Request, outcome: Outcome, dropped: bool) -> None:
         address = request.getClientAddress()
         host = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"
+        if self._trusted_proxies:
+            headers = request.requestHeaders
+            host = self._trusted_proxies.client(
+                host,
+                headers.getRawHeaders(b"forwarded", ()),
+                headers.getRawHeaders(b"x-forwarded-for", ()),
+            )
         request_line = b"%s %s %s" % (request.method, request.uri, request.clientproto)
         line = '%s - - %s "%s" %d %s "%s" "%s" %s%s\n' % (
             host,

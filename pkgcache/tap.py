@@ -13,6 +13,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from pkgcache.accesslog import AccessLog
+from pkgcache.forwarded import TrustedProxies, parse_networks
 from pkgcache.freshness import DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR
 from pkgcache.mirrors import KINDS, ConfigError, Mirror, load_config, mirror_from_table
 from pkgcache.sizes import parse_size
@@ -140,6 +141,7 @@ class Options(usage.Options):
         super().__init__()
         self["sources"] = []
         self["listen"] = []
+        self["trusted-proxy"] = []
         self["connect-timeout"] = 10.0
         self["idle-timeout"] = 30.0
         self["volatile"] = []
@@ -205,6 +207,16 @@ class Options(usage.Options):
     def opt_min_revalidation_interval(self, seconds: str) -> None:
         """Seconds a volatile file checked with its source is served from the cache even to a client that asks for a fresh copy (Cache-Control: no-cache or max-age=0, as apt and pip send on every index request): a LAN of such clients then costs a source one check per file per interval, not one per client; 0 to revalidate whenever a client asks. [default: 0]"""  # noqa: E501
         self["min-revalidation-interval"] = _age("min-revalidation-interval", seconds)
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """An address or CIDR network (e.g. 10.0.0.0/8) of load balancers or proxies whose X-Forwarded-For or Forwarded header names the client in the access log; repeatable. [default: none: the peer is the client]"""  # noqa: E501
+        try:
+            parse_networks([cidr])
+        except ValueError:
+            raise usage.UsageError(
+                f"--trusted-proxy {cidr!r}: not an address or a CIDR network"
+            ) from None
+        self["trusted-proxy"].append(cidr)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to serve on, a Twisted endpoint string: tcp:4000, tcp:4000:interface=127.0.0.1, unix:/run/pkgcache.sock, ssl:4443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET6:name=pkgcache; repeatable. [default: tcp:4000]"""  # noqa: E501
@@ -354,7 +366,7 @@ class Options(usage.Options):
 
 
 #: Options given once per value; a list in --config.
-_LIST_OPTIONS = ("source", "listen", "volatile")
+_LIST_OPTIONS = ("source", "listen", "volatile", "trusted-proxy")
 
 #: Options that have no key in --config, and why: its tables say it all.
 _COMMAND_LINE_ONLY = {
@@ -437,7 +449,7 @@ def makeService(config: Options, reactor=None):
         return Supervisor(config, reactor)
     access_log = None
     if config["access-log"] is not None:
-        access_log = AccessLog.open(config["access-log"], reactor)
+        access_log = AccessLog.open(config["access-log"], reactor, trusted_proxies(config))
     return PackageCacheService(
         make_resource(config, reactor, access_log),
         config["listen"],
@@ -446,6 +458,11 @@ def makeService(config: Options, reactor=None):
         max_cache_size=config["max-cache-size"],
         access_log=access_log,
     )
+
+
+def trusted_proxies(config) -> TrustedProxies:
+    """The peers that may name the client, from ``--trusted-proxy``."""
+    return TrustedProxies(parse_networks(config["trusted-proxy"]))
 
 
 def make_resource(config, reactor, access_log: Optional[AccessLog]):

@@ -722,12 +722,14 @@ class WorkerService(MultiService):
     def __init__(self, spec: WorkerSpec, reactor) -> None:
         super().__init__()
         # tap is the command line's: it makes the resource, here as there.
-        from pkgcache.tap import make_resource
+        from pkgcache.tap import make_resource, trusted_proxies
 
         self.spec = spec
         self.reactor = reactor
         path = spec.config["access-log"]
-        self.access_log = None if path is None else AccessLog.open(path, reactor)
+        self.access_log = None if path is None else AccessLog.open(
+            path, reactor, trusted_proxies(spec.config)
+        )
         self.resource = make_resource(spec.config, reactor, self.access_log)
         self.cache = CacheService(self.resource, None, reactor)
         self.site, self._health = serving_site(self.resource)

@@ -80,6 +80,8 @@ def test_cache_dir_defaults_to_home_cache_without_xdg(tmp_path, monkeypatch):
         (["--source", "http://a/", "--stale-if-error", "inf"], "--stale-if-error: a number"),
         (["--source", "http://a/", "--min-revalidation-interval", "-1"],
          "--min-revalidation-interval: a number"),
+        (["--source", "http://a/", "--trusted-proxy", "10.0.0.0/33"],
+         "--trusted-proxy '10.0.0.0/33': not an address or a CIDR network"),
         (["--source", "http://a/", "--node-name", "two words"], "--node-name 'two words'"),
         (["--source", "http://a/", "--node-name", "a,b"], "--node-name 'a,b'"),
         (["--source", "http://a/", "--public-url", "cache.example"],
@@ -216,6 +218,8 @@ CONFIG_VALUES = {
     "min-revalidation-interval": (60, lambda o: o["min-revalidation-interval"] == 60.0),
     "log-requests": (True, lambda o: o["log-requests"] == 1),
     "node-name": ("office-1", lambda o: o["node-name"] == "office-1"),
+    "trusted-proxy": (["10.0.0.0/8", "192.0.2.1"],
+                      lambda o: o["trusted-proxy"] == ["10.0.0.0/8", "192.0.2.1"]),
     "listen": (["tcp:0:interface=127.0.0.1"],
                lambda o: o["listen"] == ["tcp:0:interface=127.0.0.1"]),
     "workers": (3, lambda o: o["workers"] == 3),
@@ -276,3 +280,12 @@ def test_the_node_name_reaches_every_tree(tmp_path):
     root = makeService(parse("--mirror", "npm:npm=http://a/", "--node-name", "dc-1", *cache)).resource
     assert root.mirrors["npm"].tree.node == b"dc-1"
     assert makeService(parse("--source", "http://a/", *cache)).resource.node  # the host's
+
+
+def test_trusted_proxies_reach_the_access_log(tmp_path):
+    options = parse(
+        "--source", "http://a/", "--cache-dir", str(tmp_path / "cache"),
+        "--access-log", str(tmp_path / "access.log"), "--trusted-proxy", "10.0.0.0/8",
+    )
+    access_log = makeService(options).resource._access_log
+    assert access_log._trusted_proxies.client("10.0.0.2", [], [b"198.51.100.7"]) == "198.51.100.7"
