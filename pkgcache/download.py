@@ -156,6 +156,7 @@ class Download:
         self.revalidating = revalidating is not None
         self._conditional = conditional
         self._via = via
+        self._cancel_asked = False
         self._volatile = volatile
         self._digest = hashlib.sha256() if volatile else None
         self._check = check
@@ -234,6 +235,10 @@ class Download:
 
     def cancel(self) -> None:
         """Give up (on shutdown): followers are cut off, nothing is published."""
+        # Asked from within the fetch itself (a follower's client served
+        # whole as it is told of new bytes), cancelling the fetch's
+        # Deferred does nothing: the fetch sees this at its next wait.
+        self._cancel_asked = True
         if self._fetching is not None:
             self._fetching.cancel()
 
@@ -640,6 +645,8 @@ class Download:
 
         :return: whether it waited for someone (rather than for the clock).
         """
+        if self._cancel_asked:
+            raise CancelledError("given up")
         if self._waiting_here():
             await deferLater(self._clock, FOLLOW_POLL_INTERVAL, lambda: None)
             return False

@@ -404,3 +404,26 @@ def test_revalidations_and_volatile_files_stay_with_their_process(make_cache, ne
     for request in list(network.requests):
         request.serve(b"an index\n")
     assert [client.body for client in clients] == [b"an index\n"] * 2
+
+
+def test_a_follower_whose_client_leaves_while_it_looks_still_ends(make_cache, network):
+    """
+    The client takes the last bytes, and leaves, within the follower's own
+    look at the spool (a fast client): the follower is given up then, not
+    left asleep for good once nobody waits.
+    """
+    small = DATA[:10_000]
+    first = make_cache()
+    downloader = ForeignDownloader(first)
+    downloader.answered(length=len(small))
+    client = first.get()
+    first.advance(FOLLOW_POLL_INTERVAL)
+    assert client.body == b"" and not client.complete
+    downloader.write(small)
+    first.advance(FOLLOW_POLL_INTERVAL)
+    assert (client.body, client.complete) == (small, True)
+    first.advance(FOLLOW_POLL_INTERVAL)
+    assert first.resource.downloads.in_flight(key()) is None
+    assert poll_timers(first) == []
+    # (The downloader goes on as it will.)
+    downloader.publish(EntryMetadata(content_type=b"application/x-test", source=A))
