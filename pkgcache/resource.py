@@ -85,35 +85,40 @@ def _cache_status(request: Request, *parameters: str, upstream: Optional[bytes] 
 _IMMUTABLE_HIT = b"pkgcache; hit"
 
 
+def _cache_control(request: Request) -> dict[bytes, bytes]:
+    """The request's ``Cache-Control`` directives, by lower-case name (values as sent)."""
+    header = request.getHeader(b"cache-control")
+    if header is None:
+        return {}
+    directives = {}
+    for directive in header.split(b","):
+        name, _, value = directive.strip().partition(b"=")
+        directives.setdefault(name.lower(), value)
+    return directives
+
+
 def _client_max_age(request: Request) -> Optional[float]:
     """
     How old a copy the client accepts, by its ``Cache-Control``
     (``no-cache`` is 0; ``Pragma: no-cache`` too, for HTTP/1.0 clients);
     ``None`` if it did not say.
     """
-    header = request.getHeader(b"cache-control")
-    if header is None:
+    directives = _cache_control(request)
+    if not directives:
         return 0.0 if request.getHeader(b"pragma") == b"no-cache" else None
-    limit = None
-    for directive in header.split(b","):
-        name, _, value = directive.strip().partition(b"=")
-        name = name.lower()
-        if name == b"no-cache":
-            return 0.0
-        if name == b"max-age":
-            try:
-                limit = float(min(int(value.strip(b'"')), 2**31))
-            except ValueError:
-                return 0.0
-    return limit
+    if b"no-cache" in directives:
+        return 0.0
+    if b"max-age" not in directives:
+        return None
+    try:
+        return float(min(int(directives[b"max-age"].strip(b'"')), 2**31))
+    except ValueError:
+        return 0.0
 
 
 def _only_if_cached(request: Request) -> bool:
     """The client wants a stored answer or none (a sibling cache asking: issue 9's peers)."""
-    header = request.getHeader(b"cache-control")
-    return header is not None and any(
-        directive.strip().lower() == b"only-if-cached" for directive in header.split(b",")
-    )
+    return b"only-if-cached" in _cache_control(request)
 
 
 class PackageCacheResource(Resource):

@@ -129,3 +129,17 @@ async def test_twist_pkgcache_answers_health_with_and_without_workers(origin, tw
         assert (response.code, body) == (200, b"ok\n"), process.log.read_text()
         process.kill()
     assert origin.origin.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_service_makes_the_node_unhealthy(origin, http, tmp_path):
+    """From the first moment of a stop, before its listeners close."""
+    from pkgcache.service import PackageCacheService
+
+    resource = PackageCacheResource([Source(origin.url)], cache_dir(tmp_path))
+    service = PackageCacheService(resource, ["tcp:0:interface=127.0.0.1"], reactor)
+    service.startService()
+    health = service.site.resource.health
+    assert not health.stopping
+    await service.stopService()
+    assert health.stopping
