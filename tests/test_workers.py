@@ -124,6 +124,7 @@ class Pkgcache:
             "--access-log", str(self.access_log), *options,
         ]
         self.process = processes.start(argv, "pkgcache.log", **popen)
+        self.workers = workers
         self.requests = 0
 
     @property
@@ -142,6 +143,13 @@ class Pkgcache:
                  timeout, f"{count} workers to serve")
         assert self.process.poll() is None, self.log()
         return pids()
+
+    def ready(self) -> None:
+        """Wait until it serves: its workers, or the one process without any."""
+        if self.workers is None:
+            wait_for(lambda: "Site starting on" in self.log(), 60, "twist to listen")
+        else:
+            self.serving()
 
     def fetch(self) -> None:
         """One more GET of /d/f.bin, numbered in its query (which the access log shows)."""
@@ -267,11 +275,10 @@ def test_a_worker_that_keeps_dying_at_start_is_restarted_later_each_time(pkgcach
 def test_sighup_reopens_the_access_log(pkgcache, workers):
     """After logrotate moves the file away, SIGHUP: every process writes to a new one."""
     server = pkgcache(workers=workers)
+    server.ready()
     if workers is None:
-        wait_for(lambda: "Site starting on" in server.log(), 60, "twist to listen")
         reopened = ["] reopened the access log"]
     else:
-        server.serving()
         reopened = [f"worker {index}] reopened the access log" for index in (0, 1)]
     server.fetch()
     wait_for(lambda: server.access_log.exists() and server.access_log.read_text(), 30,
@@ -295,10 +302,7 @@ def test_sighup_reopens_the_access_log(pkgcache, workers):
 def test_sigterm_right_after_requests_loses_no_access_log_line(pkgcache, workers):
     # Lines wait in memory up to a second (pkgcache.accesslog): stopping writes them.
     server = pkgcache(workers=workers)
-    if workers is None:
-        wait_for(lambda: "Site starting on" in server.log(), 60, "twist to listen")
-    else:
-        server.serving()
+    server.ready()
     for _ in range(10):
         server.fetch()
     server.stop()
