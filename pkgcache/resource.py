@@ -573,11 +573,13 @@ class PackageCacheResource(Resource):
     def _unexpected(self, failure: Failure, request: Request, record: _RequestRecord) -> None:
         log.failure("error answering {path}", failure, path=request.path)
         record.outcome = Outcome.ERROR
+        if request.finished or request.channel is None:
+            return  # answered already, or the client is gone
         if request.producer is not None:
             request.unregisterProducer()
         if not request.startedWriting:
             send_error(request, http.INTERNAL_SERVER_ERROR, "internal error")
-        elif not request.finished and request.channel is not None:
+        else:
             request.transport.abortConnection()
 
     def _request_done(self, result, request: Request, record: _RequestRecord) -> None:

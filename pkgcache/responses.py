@@ -217,10 +217,15 @@ class BodyProducer:
 
     def start(self) -> None:
         """Start streaming; the request's headers must be set already."""
-        self._source.attach(self)
         # Registered even for a body sent in one write: a client that does
         # not take it pauses us, and the stall timer runs until it does.
+        # Registered before attaching, as attaching may tell us of new
+        # bytes at once (a download following another process's looks at
+        # its spool as we wake it), and we may send them all and finish.
         self._request.registerProducer(self, True)
+        self._source.attach(self)
+        if self._done:
+            return
         self._send_at_once()
         self._pump()
         if not self._request.finished:

@@ -427,3 +427,30 @@ def test_a_follower_whose_client_leaves_while_it_looks_still_ends(make_cache, ne
     assert poll_timers(first) == []
     # (The downloader goes on as it will.)
     downloader.publish(EntryMetadata(content_type=b"application/x-test", source=A))
+
+
+def test_a_client_answered_as_it_wakes_a_sleeping_follower(make_cache, network):
+    """
+    The follower sleeps (its one client has stopped reading) while the
+    other process downloads on.  A client asking for a range past what the
+    follower has seen wakes it as it attaches, and is answered whole right
+    there, before its producer would be registered: that must not break
+    (a worker following another's download logged AttributeErrors).
+    """
+    first = make_cache()
+    downloader = ForeignDownloader(first)
+    downloader.answered(length=len(DATA))
+    downloader.write(DATA[:200_000])
+    slow = first.get(stop_reading_after=0)
+    first.advance(FOLLOW_POLL_INTERVAL)
+    downloader.write(DATA[200_000:500_000])
+    first.advance(FOLLOW_POLL_INTERVAL)
+    first.advance(FOLLOW_POLL_INTERVAL)
+    assert poll_timers(first) == []  # asleep: nobody waits for bytes
+    downloader.write(DATA[500_000:])
+    tail = first.get(headers={"range": "bytes=1000000-1000999"})
+    assert (tail.code, tail.body, tail.complete) == (206, DATA[1_000_000:1_001_000], True)
+    downloader.publish(EntryMetadata(content_type=b"application/x-test", source=A))
+    slow.connection.read_again()
+    first.advance(FOLLOW_POLL_INTERVAL)
+    assert (slow.body, slow.complete) == (DATA, True)
