@@ -149,8 +149,10 @@ class Download:
         shared: bool = False,
         on_finished: Optional[Callable[["Download"], None]] = None,
         via: Optional[bytes] = None,
+        peer_path: Optional[bytes] = None,
     ) -> None:
         self.key = key
+        self._peer_path = peer_path
         self._clock = clock
         self._stale = revalidating
         self.revalidating = revalidating is not None
@@ -378,7 +380,7 @@ class Download:
             validators = self._stale if self._conditional else None
             response = await self._upstream.fetch(
                 self.key, revalidating=validators.metadata if validators is not None else None,
-                via=self._via,
+                via=self._via, peer_path=self._peer_path,
             )
             self.checked_at = self._clock.seconds()
             if response.not_modified:
@@ -841,6 +843,7 @@ class Downloads:
         conditional: bool = True,
         volatile: bool = False,
         via: Optional[bytes] = None,
+        peer_path: Optional[bytes] = None,
     ) -> tuple[Download, bool]:
         """
         :param revalidating: the stale copy of ``key``, to revalidate; the
@@ -851,6 +854,8 @@ class Downloads:
             and the publication check is asked before it is published.
         :param via: the ``Via`` of its requests to the sources (that of the
             client request that starts it, with this node: pkgcache.via).
+        :param peer_path: the path to ask the peers for, if they are to be
+            asked (see :meth:`UpstreamClient.fetch`).
         :return: the download of ``key``, and whether it was already running
             (here, or in another process that it follows).
         """
@@ -873,6 +878,7 @@ class Downloads:
             ),
             on_finished=self._running.discard,
             via=via,
+            peer_path=peer_path,
         )
         self._by_key[key] = download
         self._running.add(download)

@@ -42,8 +42,16 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "pkgcache_upstream_requests",
-            "Requests sent to sources, by source and status (or 'error', 'timeout').",
+            "Requests sent to sources (and peers), by source and status (or 'error', 'timeout').",
             ["source", "status"],
+            registry=self.registry,
+        )
+        self.peer_requests = Counter(
+            "pkgcache_peer_requests",
+            "Misses asked of a peer (--peer) before the sources, by peer and "
+            "result: hit (it sent the file), miss (not in its cache) or error "
+            "(it failed, and sits out its back-off).",
+            ["peer", "result"],
             registry=self.registry,
         )
         self.failovers = Counter(
@@ -134,6 +142,9 @@ class Metrics:
 
     def upstream_answered(self, source: str, status: str) -> None:
         self.upstream_requests.labels(source, status).inc()
+
+    def peer_answered(self, peer: str, result: str) -> None:
+        self.peer_requests.labels(peer, result).inc()
 
     def resource(self) -> Resource:
         """A site root with the metrics at ``/metrics``."""

@@ -32,7 +32,7 @@ from pkgcache.metrics import Metrics
 from pkgcache.outcomes import Outcome
 from pkgcache.paths import CacheKey, UnsafePath, cache_key_from_postpath
 from pkgcache.responses import Entity, failure_response, send_entity, send_error
-from pkgcache.sources import AllSourcesFailed, Source
+from pkgcache.sources import AllSourcesFailed, Peer, Source
 from pkgcache.store import CachedFile, CacheStore
 from pkgcache.upstream import UpstreamClient, UpstreamResponse
 from pkgcache.via import LOOP_DETECTED, default_node_name, extended, passed
@@ -166,6 +166,9 @@ class PackageCacheResource(Resource):
         own ``Host``.
     :param node_name: this node's name in ``Via`` (a token; by default the
         host's name): a request that already passed it is refused (508).
+    :param peers: sibling nodes with the same mirrors, asked for a miss
+        before the sources (see :mod:`pkgcache.upstream`), each within
+        ``peer_timeout`` seconds.
     """
 
     isLeaf = True
@@ -197,6 +200,8 @@ class PackageCacheResource(Resource):
         rewriter: Optional[IDocumentRewriter] = None,
         public_url: Optional[str] = None,
         node_name: Optional[str] = None,
+        peers: Sequence[Union[str, Peer]] = (),
+        peer_timeout: float = 2.0,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -221,6 +226,8 @@ class PackageCacheResource(Resource):
                 max_body_size=max_file_size,
                 metrics=metrics,
                 accept_by_representation=rewriter.accept_by_representation if rewriter else None,
+                peers=[p if isinstance(p, Peer) else Peer(p) for p in peers],
+                peer_timeout=peer_timeout,
             )
         self.upstream = upstream
         self.metrics = metrics if metrics is not None else upstream.metrics
@@ -413,6 +420,7 @@ class PackageCacheResource(Resource):
             conditional=revalidation is None or revalidation.conditional,
             volatile=volatile,
             via=extended(request.getHeader(b"via"), self.node),
+            peer_path=self._peer_path(request, key, volatile, revalidation),
         )
         if revalidation is None:
             forwarded = "fwd=miss"
@@ -477,6 +485,22 @@ class PackageCacheResource(Resource):
             upstream=response.header(b"cache-status"),
         )
         self._stream(request, download, response)
+
+    def _peer_path(
+        self, request: Request, key: CacheKey, volatile: bool,
+        revalidation: Optional["_Revalidation"],
+    ) -> Optional[bytes]:
+        """
+        The path to ask the peers for, if they are to be asked: for a new
+        immutable file served as it is stored.  What changes in place is
+        asked of its source, and a peer would answer a rewritten document
+        with its own links.
+        """
+        if revalidation is not None or volatile or not self.upstream.peers:
+            return None
+        if self._rewriter is not None and self._rewriter.applies(key):
+            return None
+        return request.path
 
     def _stream(self, request: Request, download: Download, response: UpstreamResponse) -> None:
         entity = Entity(

@@ -67,6 +67,22 @@ class Source:
         return f"Source({self.text!r})"
 
 
+class Peer(Source):
+    """
+    A sibling pkgcache node (``--peer``), with the same mirrors as this
+    one: asked for the path a client asked this node for, below the
+    node's root URL, and only for what it has in its cache.
+    """
+
+    def url_of_path(self, path: bytes) -> str:
+        """The URL of ``path`` (absolute, as a client sent it) on the peer."""
+        # Escapes kept as sent; a byte no URL may hold is escaped.
+        return self._base + quote(path.lstrip(b"/"), safe="/%!$&'()*+,;=:@-._~")
+
+    def __repr__(self) -> str:
+        return f"Peer({self.text!r})"
+
+
 class FailureKind(enum.Enum):
     """
     Why a source did not give us the file; decides what we tell the client

@@ -25,7 +25,6 @@ disk threads, and :meth:`close` stops them for good.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import tempfile
@@ -42,7 +41,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pkgcache.metadata import EntryMetadata
 from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey, relative_path
-from pkgcache.spool import DiskRunner, SpoolWriter, new_spool, sweep_stale_spools
+from pkgcache.spool import DiskRunner, new_spool, sweep_stale_spools
 
 SPOOL_DIR_NAME = ".pkgcache-spool"
 assert SPOOL_DIR_NAME in RESERVED_TOP_LEVEL_NAMES

@@ -21,7 +21,7 @@ from pkgcache.resource import PackageCacheResource
 from pkgcache.root import MirrorsResource
 from pkgcache.service import PackageCacheService
 from pkgcache.store import CacheStore
-from pkgcache.upstream import Source
+from pkgcache.sources import Peer, Source
 from pkgcache.via import is_node_name
 from pkgcache.workers import SHAREABLE_ENDPOINTS, Supervisor, worker_count
 
@@ -140,6 +140,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["sources"] = []
+        self["peers"] = []
+        self["peer-timeout"] = 2.0
         self["listen"] = []
         self["trusted-proxy"] = []
         self["connect-timeout"] = 10.0
@@ -175,6 +177,17 @@ class Options(usage.Options):
             self["sources"].append(Source(url))
         except ValueError as error:
             raise usage.UsageError(f"--source: {error}") from None
+
+    def opt_peer(self, url: str) -> None:
+        """Root URL of a sibling pkgcache node with the same mirrors (behind the same load balancer): a miss of a file that does not change is asked of the peers first, with Cache-Control: only-if-cached, and of the sources only if no peer has it, so that keys a balancer moves are copied between nodes, not fetched again; repeatable, in order of preference. Listing this node too is harmless (it answers 508 and is skipped). [default: none]"""  # noqa: E501
+        try:
+            self["peers"].append(Peer(url))
+        except ValueError as error:
+            raise usage.UsageError(f"--peer: {error}") from None
+
+    def opt_peer_timeout(self, seconds: str) -> None:
+        """Seconds a peer may take to accept and answer before the sources are asked instead (one that fails is skipped for a back-off that starts at 10s). [default: 2]"""  # noqa: E501
+        self["peer-timeout"] = _positive_seconds("peer-timeout", seconds)
 
     def opt_connect_timeout(self, seconds: str) -> None:
         """Seconds to wait for a source to accept a connection. [default: 10]"""
@@ -366,7 +379,7 @@ class Options(usage.Options):
 
 
 #: Options given once per value; a list in --config.
-_LIST_OPTIONS = ("source", "listen", "volatile", "trusted-proxy")
+_LIST_OPTIONS = ("source", "peer", "listen", "volatile", "trusted-proxy")
 
 #: Options that have no key in --config, and why: its tables say it all.
 _COMMAND_LINE_ONLY = {
@@ -482,6 +495,8 @@ def make_resource(config, reactor, access_log: Optional[AccessLog]):
         public_url=config["public-url"],
         log_requests=bool(config["log-requests"]),
         node_name=config["node-name"],
+        peers=config["peers"],
+        peer_timeout=config["peer-timeout"],
     )
     if config["mirrors"]:
         return MirrorsResource(config["mirrors"], config["cache-dir"], **options)

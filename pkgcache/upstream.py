@@ -14,6 +14,14 @@ carries our own rules: :class:`~pkgcache.redirects.RedirectPolicyAgent`
 (treq asks for gzip and decompresses: a cache must store exactly the bytes
 the mirror stores).  The agent beneath is injected, so that tests can put
 an in-memory one there.
+
+With peers (``--peer``: sibling nodes behind the same load balancer), a
+miss of an immutable file asks them first, with ``Cache-Control:
+only-if-cached`` so that none of them fetches it for us: the file comes
+from the first that has it in its cache, else from the sources.  A peer
+that does not have it (404, 504) is asked again next time; one that
+fails (refused, silent for ``peer_timeout``, another 5xx: a 508 when the
+peer is this very node) sits out its back-off, as a source would.
 """
 
 from __future__ import annotations
@@ -39,11 +47,14 @@ from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
 from pkgcache.redirects import DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins
 from pkgcache.sources import (
-    AllSourcesFailed, Attempt, FailureKind, Source, SourceAnswer, SourceHealth,
+    AllSourcesFailed, Attempt, FailureKind, Peer, Source, SourceAnswer, SourceHealth,
 )
 from pkgcache.timers import IdleTimer
 
 USER_AGENT = f"pkgcache/{__version__}".encode("ascii")
+#: A peer's answers that mean it does not have the file (a pkgcache asked
+#: ``only-if-cached`` answers 504 for a file it would have to fetch).
+NOT_IN_PEER = frozenset({http.NOT_FOUND, http.GONE, http.GATEWAY_TIMEOUT})
 
 log = Logger()
 
@@ -263,6 +274,9 @@ class UpstreamClient:
     :param max_body_size: refuse bodies larger than this many bytes.
     :param accept_by_representation: the ``Accept`` to send for a key of
         each representation (see :class:`~pkgcache.paths.CacheKey`).
+    :param peers: sibling nodes, asked first (see the module).
+    :param peer_timeout: seconds a peer may take to answer (connection
+        included) before the sources are asked instead.
     """
 
     def __init__(
@@ -278,10 +292,14 @@ class UpstreamClient:
         health: Optional[SourceHealth] = None,
         metrics: Optional[Metrics] = None,
         accept_by_representation: Optional[Mapping[str, bytes]] = None,
+        peers: Sequence[Peer] = (),
+        peer_timeout: float = 2.0,
     ) -> None:
         if not sources:
             raise ValueError("at least one source is needed")
         self.sources = list(sources)
+        self.peers = list(peers)
+        self.peer_timeout = peer_timeout
         self.clock = clock if clock is not None else reactor
         self.idle_timeout = idle_timeout
         self.max_body_size = max_body_size
@@ -310,6 +328,7 @@ class UpstreamClient:
         after: Optional[Source] = None,
         revalidating: Optional[EntryMetadata] = None,
         via: Optional[bytes] = None,
+        peer_path: Optional[bytes] = None,
     ) -> UpstreamResponse:
         """
         Ask each source in turn for ``key`` until one answers usably.
@@ -324,8 +343,15 @@ class UpstreamClient:
             came from is asked first, with its validators (a 304 from it
             is a usable answer); the others are asked plainly.
         :param via: the ``Via`` header to send (see :mod:`pkgcache.via`).
+        :param peer_path: the path a client asked this node for: the peers
+            are asked for it first, for a whole file (not a revalidation,
+            a resume or a HEAD).
         :raises AllSourcesFailed: if none did.
         """
+        if peer_path is not None and method == b"GET" and not offset and revalidating is None:
+            from_peer = await self._from_peers(key, peer_path, via)
+            if from_peer is not None:
+                return from_peer
         attempts: list[Attempt] = []
         if offset:
             self.metrics.failovers.inc()
@@ -349,6 +375,26 @@ class UpstreamClient:
                 self.health.record_success(source)
             return response
         raise AllSourcesFailed(attempts, len(self.sources))
+
+    async def _from_peers(
+        self, key: CacheKey, path: bytes, via: Optional[bytes]
+    ) -> Optional[UpstreamResponse]:
+        """The file from the first peer that has it cached, or ``None``."""
+        for peer in self.peers:
+            if self.health.is_down(peer):
+                continue
+            try:
+                response = await self._try(
+                    peer, key, b"GET", 0, None, via=via, url=peer.url_of_path(path)
+                )
+            except _SourceFailed as failed:
+                missing = failed.kind is FailureKind.NOT_FOUND
+                self.metrics.peer_answered(str(peer), "miss" if missing else "error")
+                self._record_failure(Attempt(peer, failed.kind, failed.detail), key)
+                continue
+            self.metrics.peer_answered(str(peer), "hit")
+            return response
+        return None
 
     def report_body_complete(self, source: Source) -> None:
         """A whole body came from ``source``: forget its past failures."""
@@ -374,20 +420,23 @@ class UpstreamClient:
         return ordered
 
     def _record_failure(self, attempt: Attempt, key: CacheKey) -> None:
+        peer = isinstance(attempt.source, Peer)
+        fields = dict(
+            role="peer" if peer else "source", source=str(attempt.source), path=str(key),
+            kind=attempt.kind.value, detail=attempt.detail,
+        )
         if attempt.kind.marks_source_down:
-            backoff = self.health.record_failure(attempt.source)
             log.warn(
-                "source {source} failed for {path}: {kind} ({detail}); "
-                "asking it last for {backoff:g}s",
-                source=str(attempt.source), path=str(key), kind=attempt.kind.value,
-                detail=attempt.detail, backoff=backoff,
+                "{role} {source} failed for {path}: {kind} ({detail}); {backoff}",
+                backoff=("not asking it for {:g}s" if peer else "asking it last for {:g}s").format(
+                    self.health.record_failure(attempt.source)
+                ),
+                **fields,
             )
+        elif peer:
+            log.debug("peer {source} has no {path}: {detail}", **fields)
         else:
-            log.info(
-                "source {source} failed for {path}: {kind} ({detail})",
-                source=str(attempt.source), path=str(key), kind=attempt.kind.value,
-                detail=attempt.detail,
-            )
+            log.info("{role} {source} failed for {path}: {kind} ({detail})", **fields)
 
     async def _try(
         self,
@@ -398,10 +447,19 @@ class UpstreamClient:
         total_length: Optional[int],
         validators: Optional[EntryMetadata] = None,
         via: Optional[bytes] = None,
+        url: Optional[str] = None,
     ) -> UpstreamResponse:
+        """
+        One request to ``source`` (at ``url``, by default ``key``'s URL there).
+
+        :raises _SourceFailed: if its answer cannot be used.
+        """
+        peer = isinstance(source, Peer)
         headers = {b"User-Agent": [USER_AGENT]}
         if via:
             headers[b"Via"] = [via]
+        if peer:
+            headers[b"Cache-Control"] = [b"only-if-cached"]
         if key.representation:
             headers[b"Accept"] = [self._accept[key.representation]]
         if offset:
@@ -411,18 +469,17 @@ class UpstreamClient:
         if validators is not None and validators.last_modified is not None:
             headers[b"If-Modified-Since"] = [validators.last_modified]
         requesting = self._http.request(
-            method.decode("ascii"), source.url_for(key), headers=headers,
+            method.decode("ascii"), url or source.url_for(key), headers=headers,
             unbuffered=True, allow_redirects=False,
         )
-        timer = IdleTimer(self.clock, self.idle_timeout, requesting.cancel)
+        timeout = self.peer_timeout if peer else self.idle_timeout
+        timer = IdleTimer(self.clock, timeout, requesting.cancel)
         timer.touch()
         try:
             response = await requesting
         except Exception as exc:
             if timer.expired:
-                failed = _SourceFailed(
-                    FailureKind.TIMEOUT, f"no answer within {self.idle_timeout:g}s"
-                )
+                failed = _SourceFailed(FailureKind.TIMEOUT, f"no answer within {timeout:g}s")
             elif _cancelled(exc):
                 # Not the timer: our caller gave up (shutdown). Not the
                 # source's fault, and no reason to try the next one.
@@ -441,6 +498,9 @@ class UpstreamClient:
         if conditional and upstream.not_modified:
             response.deliverBody(DiscardBody())
             return upstream
+        if peer and response.code in NOT_IN_PEER:
+            response.deliverBody(DiscardBody())
+            raise _SourceFailed(FailureKind.NOT_FOUND, f"not in its cache (HTTP {response.code})")
         problem = _check_response(upstream, offset, total_length, self.max_body_size)
         if problem is not None:
             if method != b"HEAD":

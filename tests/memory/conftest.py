@@ -54,7 +54,7 @@ from zope.interface import implementer
 from pkgcache.paths import CacheKey, cache_key_from_postpath
 from pkgcache.resource import PackageCacheResource
 from pkgcache.service import CacheService, QuietSite
-from pkgcache.sources import Source, SourceHealth
+from pkgcache.sources import Peer, Source, SourceHealth
 from pkgcache.store import CacheStore
 from pkgcache.upstream import UpstreamClient
 
@@ -794,7 +794,8 @@ class MemoryCache:
     :class:`FakeNetwork`, its cache in ``cache_dir``, its timers on
     ``clock``; started (its service runs) until :meth:`stop`.
 
-    :ivar upstream: the :class:`UpstreamClient` (``health`` is its back-off).
+    :ivar upstream: the :class:`UpstreamClient` (``health`` is its back-off,
+        of its sources and of its ``peers``).
     """
 
     def __init__(
@@ -809,6 +810,7 @@ class MemoryCache:
         max_downloads: Optional[int] = None,
         max_body_size: Optional[int] = None,
         run_blocking: Callable[..., Deferred] = run_at_once,
+        peers=(),
         **resource_options,
     ) -> None:
         self.clock = clock
@@ -822,6 +824,7 @@ class MemoryCache:
             idle_timeout=idle_timeout,
             max_body_size=max_body_size,
             health=self.health,
+            peers=[Peer(peer) for peer in peers],
         )
         self.store = CacheStore(cache_dir, reactor=clock, run_blocking=run_blocking)
         self.resource = PackageCacheResource(

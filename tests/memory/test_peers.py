@@ -1,0 +1,145 @@
+"""
+Peers (``--peer``), in memory: a miss of an immutable file is asked of the
+sibling nodes first, with ``Cache-Control: only-if-cached``, and of the
+sources only if no peer has it.  A peer without the file (404, 504) is
+asked again next time; a peer that fails sits out its back-off (on the
+clock), and a peer's body that breaks off is resumed from a source.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.memory.conftest import A, PATH, url
+
+#: A sibling node, and this node's name in Via.
+PEER = "http://node-2.example:4000/"
+SECOND_PEER = "http://node-3.example:4000/"
+NODE = "node-1"
+DATA = bytes(range(256)) * 400  # 102,400 bytes
+
+
+@pytest.fixture
+def node(make_cache):
+    return make_cache(peers=(PEER,), node_name=NODE, volatile=(r"InRelease$",))
+
+
+def test_a_miss_is_asked_of_the_peer_first_and_served_from_it(node, network):
+    client = node.get()
+    asked = network.pending(url(PEER))
+    assert asked.header("cache-control") == "only-if-cached"
+    assert asked.header("via") == f"1.1 {NODE}"
+    asked.serve(DATA, headers={"cache-status": "node-2; hit"})
+    assert (client.code, client.body, client.complete) == (200, DATA, True)
+    # Which tier answered: the peer's entry, then ours.
+    assert client.header("cache-status").startswith("node-2; hit, ")
+    assert network.urls == [url(PEER)]
+    assert node.cached() == DATA
+    again = node.get()
+    assert (again.body, network.urls) == (DATA, [url(PEER)])
+    assert node.upstream.metrics.peer_requests.labels(PEER, "hit")._value.get() == 1
+
+
+@pytest.mark.parametrize("status", [504, 404])
+def test_a_peer_without_the_file_is_passed_over_and_asked_again(node, network, status):
+    client = node.get()
+    network.pending(url(PEER)).serve(b"not here", code=status)
+    network.pending(url(A)).serve(DATA)
+    assert (client.body, client.complete) == (DATA, True)
+    # Not having a file says nothing of a peer's health.
+    assert not node.health.is_down(node.upstream.peers[0])
+    node.get("/distfiles/bar-2.0.tar.gz")
+    assert network.pending(url(PEER, "/distfiles/bar-2.0.tar.gz")).header(
+        "cache-control") == "only-if-cached"
+    assert node.upstream.metrics.peer_requests.labels(PEER, "miss")._value.get() == 1
+
+
+@pytest.mark.parametrize("failure", ["refused", "500", "508"])
+def test_a_failing_peer_sits_out_its_backoff(node, network, failure):
+    """
+    Refused, a 5xx, or a 508 (the peer is this node, or the request passed
+    it already): the sources are asked, and the peer not again until its
+    back-off is over.
+    """
+    client = node.get()
+    asked = network.pending(url(PEER))
+    if failure == "refused":
+        asked.refuse()
+    else:
+        asked.serve(b"", code=int(failure))
+    network.pending(url(A)).serve(DATA)
+    assert (client.body, client.complete) == (DATA, True)
+    node.get("/distfiles/bar-2.0.tar.gz")
+    assert network.waiting[-1].url == url(A, "/distfiles/bar-2.0.tar.gz")
+    network.waiting[-1].serve(DATA)
+    node.advance(10.0)
+    node.get("/distfiles/baz-3.0.tar.gz")
+    assert network.pending(url(PEER, "/distfiles/baz-3.0.tar.gz"))
+    assert node.upstream.metrics.peer_requests.labels(PEER, "error")._value.get() == 1
+
+
+def test_a_silent_peer_is_given_up_after_the_peer_timeout(node, network):
+    client = node.get()
+    asked = network.pending(url(PEER))
+    node.advance(1.9)
+    assert network.urls == [url(PEER)]
+    node.advance(0.1)
+    assert asked.cancelled
+    network.pending(url(A)).serve(DATA)
+    assert (client.body, client.complete) == (DATA, True)
+
+
+def test_peers_are_asked_in_order_until_one_has_the_file(make_cache, network):
+    node = make_cache(peers=(PEER, SECOND_PEER), node_name=NODE)
+    client = node.get()
+    network.pending(url(PEER)).serve(b"", code=504)
+    network.pending(url(SECOND_PEER)).serve(DATA)
+    assert (client.body, client.complete) == (DATA, True)
+    assert network.urls == [url(PEER), url(SECOND_PEER)]
+
+
+def test_a_peer_body_that_breaks_off_is_resumed_from_a_source(node, network):
+    client = node.get()
+    body = network.pending(url(PEER)).respond(length=len(DATA))
+    body.send(DATA[:40_000])
+    body.cut()
+    resumed = network.pending(url(A))
+    assert resumed.range == "bytes=40000-"
+    assert resumed.header("cache-control") is None
+    resumed.serve_rest(DATA)
+    assert (client.body, client.complete) == (DATA, True)
+    assert node.cached() == DATA
+
+
+def test_files_that_change_in_place_are_asked_of_their_source(node, network):
+    """A peer's copy of an index may be older than the source's."""
+    path = "/dists/stable/InRelease"
+    client = node.get(path)
+    assert network.urls == [url(A, path)]
+    network.pending(url(A, path)).serve(b"an index\n")
+    assert client.body == b"an index\n"
+    node.advance(60.0)
+    node.get(path)
+    assert network.urls[-1] == url(A, path)  # the revalidation, too
+
+
+def test_a_head_miss_is_asked_of_the_sources(node, network):
+    client = node.head()
+    network.pending(url(A)).serve(DATA)
+    assert client.code == 200
+    assert network.urls == [url(A)]
+
+
+def test_a_request_that_is_only_if_cached_asks_no_peer(node, network):
+    """What a peer asks us is answered from our cache alone: peers never chain."""
+    client = node.get(headers={"cache-control": "only-if-cached"})
+    assert client.code == 504
+    assert network.urls == []
+
+
+def test_the_path_is_asked_as_the_client_sent_it(node, network):
+    path = "/distfiles/foo%2B1.0 (x).tar.gz"
+    client = node.get(path.replace(" ", "%20"))
+    assert network.waiting[0].url == PEER.rstrip("/") + "/distfiles/foo%2B1.0%20(x).tar.gz"
+    network.waiting[0].serve(DATA)
+    assert client.body == DATA
