@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import pytest_twisted
@@ -37,8 +38,8 @@ def free_port() -> int:
 class TwistProcess:
     """``twist pkgcache`` running in a subprocess, on 127.0.0.1."""
 
-    def __init__(self, *args: str, cwd: Path) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, cwd: Path, port: Optional[int] = None) -> None:
+        self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cwd / f"twist-{self.port}.log"
         self.process = subprocess.Popen(
@@ -74,8 +75,8 @@ class TwistProcess:
 def twist(tmp_path):
     started: list[TwistProcess] = []
 
-    def start(*args: str) -> TwistProcess:
-        process = TwistProcess(*args, cwd=tmp_path)
+    def start(*args: str, port: Optional[int] = None) -> TwistProcess:
+        process = TwistProcess(*args, cwd=tmp_path, port=port)
         started.append(process)
         return process
 
