@@ -22,7 +22,12 @@ times the origin was asked for it, show where the balancer sent each path:
 - the node started again on its port and cache: its files come back to it,
   served from its cache, with no origin download;
 - a fourth node added to the configuration: it takes a share of the files,
-  and no other file moves.
+  and no other file moves;
+- a node that stays up but whose cache directory cannot take a file (its
+  health URL says 503): HAProxy's check takes it out, only its files move,
+  and once it can store files again it is put back and takes them back;
+  nginx open source, which cannot poll a health URL, keeps it (it still
+  answers every request, its misses streamed uncached).
 
 Every process is started in a session of its own and every session is
 killed at teardown, whatever happened; every wait is for an event (a port
@@ -122,13 +127,16 @@ class Node:
     """A ``twist pkgcache`` on 127.0.0.1, on a port and cache directory that
     stay its own across restarts."""
 
-    #: An access log line: the path and the outcome.
+    #: An access log line: the path, the status and the outcome.
     LINE = re.compile(r'"GET (\S+) HTTP/1\.1" (\d+) \d+ "[^"]*" "[^"]*" (\S+)$')
 
-    def __init__(self, processes: Processes, name: str, source: str) -> None:
+    def __init__(self, processes: Processes, name: str, source: str,
+                 options: tuple[str, ...] = ()) -> None:
         self.processes = processes
         self.name = name
         self.source = source
+        #: More command-line options (``--node-name NAME``...).
+        self.options = options
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cache = processes.directory / name / "cache"
@@ -143,7 +151,7 @@ class Node:
             [str(TWIST), "--log-format=text", "pkgcache",
              "--listen", f"tcp:{self.port}:interface=127.0.0.1",
              "--source", self.source, "--cache-dir", str(self.cache),
-             "--access-log", str(self.access_log)],
+             "--access-log", str(self.access_log), *self.options],
             f"{self.name}-{self.starts}.log",
             # Its log as it goes, so that a SIGKILL loses none of it.
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -160,22 +168,32 @@ class Node:
     def holds(self, path: str) -> bool:
         return (self.cache / path.lstrip("/")).exists()
 
-    def served(self, since: int = 0) -> list[tuple[str, str]]:
-        """``(path, outcome)`` of each request in the access log, from byte
-        ``since`` on (the log is written in whole lines)."""
+    def requests(self, since: int = 0) -> list[tuple[str, int, str]]:
+        """``(path, status, outcome)`` of each request in the access log,
+        from byte ``since`` on (the log is written in whole lines), but the
+        probes of whether it answers (``/``).  (The health URL is not
+        logged.)"""
         try:
             with self.access_log.open("rb") as log:
                 log.seek(since)
                 lines = log.read().decode().splitlines()
         except FileNotFoundError:
             return []
-        served = []
+        found = []
         for line in lines:
             match = self.LINE.search(line)
             assert match, f"{self.name}: {line}"
-            if match.group(1) != "/":  # not a probe of whether it answers
-                assert match.group(2) == "200", f"{self.name}: {line}"
-                served.append((match.group(1), match.group(3)))
+            if match.group(1) != "/":
+                found.append((match.group(1), int(match.group(2)), match.group(3)))
+        return found
+
+    def served(self, since: int = 0) -> list[tuple[str, str]]:
+        """``(path, outcome)`` of each request in the access log, from byte
+        ``since`` on, every one of which must have been a 200."""
+        served = []
+        for path, status, outcome in self.requests(since):
+            assert status == 200, f"{self.name}: {path} {status} {outcome}"
+            served.append((path, outcome))
         return served
 
     def log_size(self) -> int:
@@ -326,13 +344,17 @@ global
     stats timeout 30s
 """
 
-    def __init__(self, processes: Processes, nodes: list[Node]) -> None:
+    def __init__(self, processes: Processes, nodes: list[Node],
+                 check_interval: Optional[str] = None) -> None:
+        """``check_interval``: the health checks' ``inter`` instead of the
+        recipe's (for a test that waits for checks to fail and pass)."""
         self.processes = processes
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = processes.directory / "haproxy"
         self.dir.mkdir()
         self.socket = self.dir / "admin.sock"
+        self.check_interval = check_interval
         self.render(nodes)
         (self.dir / "global.cfg").write_text(self.GLOBAL.format(dir=self.dir))
         self.argv = [HAPROXY, "-f", str(self.dir / "global.cfg"),
@@ -344,6 +366,9 @@ global
         recipe = substitute(recipe, r"^(\s*)bind :4000$", rf"\1bind 127.0.0.1:{self.port}",
                             HAPROXY_RECIPE)
         recipe = substitute(recipe, r"^\s*bind :::4000 v6only\n", "", HAPROXY_RECIPE)
+        if self.check_interval is not None:
+            recipe = substitute(recipe, r"(?<=\sdefault-server check inter )\S+(?= )",
+                                self.check_interval, HAPROXY_RECIPE)
         (self.dir / "pkgcache-shard.cfg").write_text(recipe)
 
     def start(self) -> None:
@@ -376,6 +401,11 @@ global
     def states(self) -> dict[str, str]:
         """Each node's state as HAProxy's stats socket gives it (UP, DOWN,
         "DOWN 1/2" while going up...), by node name."""
+        return {name: row["status"] for name, row in self.stats().items()}
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """Each node's line of ``show stat`` (``status``, ``check_status``,
+        ``check_code``...), by node name."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stats:
             stats.settimeout(5)
             stats.connect(str(self.socket))
@@ -384,7 +414,7 @@ global
         lines = answer.splitlines()
         header = lines[0].lstrip("# ").split(",")
         rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
-        by_server = {row["svname"]: row["status"] for row in rows if row["pxname"] == "pkgcache"
+        by_server = {row["svname"]: row for row in rows if row["pxname"] == "pkgcache"
                      and row["svname"] not in ("FRONTEND", "BACKEND")}
         return {node.name: by_server[f"node{index}"] for index, node in
                 enumerate(self.nodes, 1)}
@@ -402,14 +432,16 @@ BALANCERS = [
 
 
 async def clients_get_everything(url: str, files: dict[str, bytes], clients: int,
-                                 seed: int, queries: bool = False, timeout: float = 60) -> None:
+                                 seed: int, queries: bool = False, timeout: float = 60,
+                                 seen: Optional[list] = None) -> None:
     """
     ``clients`` clients at once, each on a keep-alive connection of its own
     (Twisted's own retry of a request on a connection that was closed is
     off: the balancer must do the failing over), each GETs every file in an
     order of its own, and checks every status and body.  With ``queries``,
     every other client adds a query string of its own to each URL (which
-    pkgcache ignores: the file is the same).
+    pkgcache ignores: the file is the same).  With ``seen``, the ``(path,
+    response headers)`` of every answer are appended to it.
     """
     async def client(number: int) -> None:
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -425,6 +457,8 @@ async def clients_get_everything(url: str, files: dict[str, bytes], clients: int
                 body = await readBody(response)
                 assert response.code == 200, (path, response.code, body[:300])
                 assert sha256(body) == sha256(files[path]), f"{path}: a wrong body"
+                if seen is not None:
+                    seen.append((path, response.headers))
         finally:
             await pool.closeCachedConnections()
 
@@ -551,3 +585,214 @@ async def test_nodes_behind_the_shipped_recipe(balancer_class, origin, processes
     assert {path: [node.name for node in holders(path) if node not in held_before[path]]
             for path in taken} == {path: [joining.name] for path in taken}
     assert sorted(path for path in files if joining.holds(path)) == taken
+
+
+# -- a node that cannot store files -----------------------------------------------
+
+#: Fewer files and clients than above: what matters here is where each
+#: file goes, and this keeps each test at a few seconds.
+SICK_FILES = 60
+SICK_CLIENTS = 8
+HEALTH = "/.pkgcache-health"
+
+
+def break_cache(node: Node) -> Path:
+    """
+    Make ``node``'s cache directory unable to take a file, as a full or
+    broken disk is, while the node keeps running: its spool directory
+    replaced by a regular file.  (The tests run as root, whom no permission
+    stops; no new file can be made under a regular file, by anyone.)  The
+    files it already holds are left alone.
+    """
+    spool = node.cache / ".pkgcache-spool"
+    shutil.rmtree(spool)
+    spool.write_bytes(b"")
+    return spool
+
+
+def mend_cache(spool: Path) -> None:
+    spool.unlink()
+    spool.mkdir()
+
+
+async def health(http, node: Node) -> tuple[int, bytes]:
+    response, body = await within(10, fetch(http, node.url + HEALTH),
+                                  f"{node.name}'s health URL did not answer")
+    return response.code, body
+
+
+async def three_nodes_with_their_files(processes, origin, http, balancer_class, **options):
+    """Three nodes behind ``balancer_class``, every file fetched once
+    through it: ``(nodes, balancer, files, owner)``, ``owner`` giving the
+    node that holds each file."""
+    files = {f"/dist/h-{index:03d}.bin": os.urandom(SIZE) for index in range(SICK_FILES)}
+    for path, data in files.items():
+        origin.add(path, data)
+    nodes = [Node(processes, f"node-{index}", origin.url) for index in (1, 2, 3)]
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        await node.ready(http)
+    balancer = balancer_class(processes, nodes, **options)
+    balancer.start()
+    await balancer.ready(http)
+    await clients_get_everything(balancer.url, files, SICK_CLIENTS, seed=11)
+    assert {path: origin.count(path) for path in files} == {path: 1 for path in files}
+    await wait_until(lambda: all(any(node.holds(path) for node in nodes) for path in files),
+                     10, "every file published")
+    owner = {}
+    for path in files:
+        (owner[path],) = [node for node in nodes if node.holds(path)]
+    shares = {node.name: sum(1 for path in files if owner[path] is node) for node in nodes}
+    assert all(shares.values()), f"a node got no file at all: {shares}"
+    # Every line of this round in each node's access log (written within a
+    # second), so that the lines read from now on are later requests'.
+    for node in nodes:
+        mine = shares[node.name] * SICK_CLIENTS
+        await wait_until(lambda: len(node.served()) == mine, 10,
+                         f"{node.name}'s access log to show its {mine} answers")
+    return nodes, balancer, files, owner
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (Debian package: haproxy)")
+@pytest_twisted.ensureDeferred
+async def test_haproxy_takes_out_a_node_whose_health_url_says_503(origin, processes, http):
+    """
+    One of three nodes stays up, but its cache directory cannot take a
+    file: its health URL says 503, HAProxy's check (``option httpchk`` on
+    ``/.pkgcache-health``) takes it out, only its files move (each
+    downloaded once more, by one other node), and clients get every file.
+    Once its cache directory takes files again, the check puts it back and
+    its files come back to it, from its cache.
+
+    The recipe's checks are every 2 s, 2 failures to take a node out and 2
+    successes to put it back (4 to 6 s each way); here they are every
+    100 ms (the one change to the recipe but its addresses), with ``fall``
+    and ``rise`` as shipped, to keep the test at a few seconds.
+    """
+    nodes, balancer, files, owner = await three_nodes_with_their_files(
+        processes, origin, http, HAProxy, check_interval="100ms")
+    sick = max(nodes, key=lambda node: sum(1 for path in files if owner[path] is node))
+    others = [node for node in nodes if node is not sick]
+    moved = sorted(path for path in files if owner[path] is sick)
+    stayed = sorted(path for path in files if owner[path] is not sick)
+
+    def downloads(paths) -> dict[str, int]:
+        return {path: origin.count(path) for path in paths}
+
+    spool = break_cache(sick)
+    status, body = await health(http, sick)
+    assert status == 503 and b"the cache directory cannot take files" in body, body
+    for node in others:
+        assert await health(http, node) == (200, b"ok\n")
+    await wait_until(lambda: balancer.marked_down(sick), 10,
+                     f"HAProxy to take {sick.name} out")
+    # By its health check, which got a 503 (not by a failed connection).
+    checked = balancer.stats()[sick.name]
+    assert (checked["check_status"], checked["check_code"]) == ("L7STS", "503"), checked
+    assert {node.name: balancer.states()[node.name] for node in others} == \
+        {node.name: "UP" for node in others}
+
+    since = sick.log_size()
+    await clients_get_everything(balancer.url, files, SICK_CLIENTS, seed=12)
+    assert downloads(stayed) == {path: 1 for path in stayed}
+    assert downloads(moved) == {path: 2 for path in moved}
+    await wait_until(lambda: all(any(node.holds(path) for node in others) for path in moved),
+                     10, "every moved file published by its new owner")
+    for path in stayed:
+        assert [node for node in nodes if node.holds(path)] == [owner[path]], path
+    for path in moved:
+        assert len([node for node in others if node.holds(path)]) == 1, path
+
+    # Its cache directory takes files again: the check puts it back, and
+    # its files come back to it, served from its cache.
+    mend_cache(spool)
+    assert await health(http, sick) == (200, b"ok\n")
+    await balancer.taken_back(http, sick, files, moved[0])
+    await clients_get_everything(balancer.url, files, SICK_CLIENTS, seed=13)
+    assert downloads(stayed) == {path: 1 for path in stayed}
+    assert downloads(moved) == {path: 2 for path in moved}
+    # Its access log from when it was taken out: nothing while it was out
+    # (a line of then would come before those of now), then every request
+    # for its files, each a hit.
+    expected = sorted((path, "hit") for path in moved for _ in range(SICK_CLIENTS))
+    await wait_until(lambda: len(sick.served(since)) >= len(expected), 10,
+                     f"{sick.name}'s access log to show its files served")
+    assert sorted(sick.served(since)) == expected
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian package: nginx)")
+@pytest_twisted.ensureDeferred
+async def test_nginx_keeps_a_node_whose_health_url_says_503(origin, processes, http):
+    """
+    nginx open source has no active health check (NGINX Plus's
+    ``health_check`` has), so the nginx recipe cannot poll
+    ``/.pkgcache-health``: it takes a node out only when requests to it
+    fail (a refused or timed-out connection, or a 503 while it shuts down:
+    ``max_fails``, ``proxy_next_upstream error timeout http_503``).  A node
+    whose cache directory cannot take a file answers every request all the
+    same (its files from its cache, the others streamed from the source
+    uncached), so nginx keeps it, and it keeps its share of the paths:
+    clients get every file, its files stay where they are, and each request
+    for one of its paths that it does not hold is an origin download, every
+    time, until its cache directory takes files again; from then on it
+    stores them as before.
+    """
+    nodes, balancer, files, owner = await three_nodes_with_their_files(
+        processes, origin, http, Nginx)
+    sick = max(nodes, key=lambda node: sum(1 for path in files if owner[path] is node))
+    spool = break_cache(sick)
+    status, _ = await health(http, sick)
+    assert status == 503
+    since = sick.log_size()
+    # A new file of its share, found by asking for new files one by one
+    # (nginx hashes $uri: which node a path goes to shows only once asked).
+    extra = None
+    for index in range(100):
+        path = f"/dist/new-{index:03d}.bin"
+        origin.add(path, os.urandom(SIZE))
+        response, body = await fetch(http, balancer.url + path)
+        assert response.code == 200 and sha256(body) == sha256(origin.origin.files[path].data)
+        if response.headers.getRawHeaders(b"cache-status") == [
+                b"pkgcache; fwd=miss; fwd-status=200"]:  # not "stored": streamed uncached
+            extra = path
+            break
+    assert extra, f"no new path went to {sick.name}"
+    files[extra] = origin.origin.files[extra].data
+
+    rounds = 2
+    for seed in range(rounds):
+        await clients_get_everything(balancer.url, files, SICK_CLIENTS, seed=20 + seed)
+    assert not balancer.marked_down(sick)
+    assert {path: origin.count(path) for path in files if path != extra} == \
+        {path: 1 for path in files if path != extra}
+    assert not any(node.holds(extra) for node in nodes)
+    # Every request for its files and for the new one went to it: its
+    # files hits, the new one a download for each request (but those that
+    # came while one was under way, which share it: "coalesced").
+    mine = sorted(path for path in files if owner.get(path) is sick)
+    requests = 1 + rounds * SICK_CLIENTS
+    await wait_until(lambda: len(sick.served(since)) >= len(mine) * rounds * SICK_CLIENTS
+                     + requests, 10, f"{sick.name}'s access log to show its files served")
+    served = sick.served(since)
+    assert sorted(entry for entry in served if entry[0] != extra) == \
+        sorted((path, "hit") for path in mine for _ in range(rounds * SICK_CLIENTS))
+    outcomes = [outcome for path, outcome in served if path == extra]
+    assert len(outcomes) == requests and set(outcomes) <= {"miss", "coalesced"}, outcomes
+    # At least one per round (a round starts after the last one ended).
+    # (The origin may see a few more requests than downloads: when the
+    # last client of a download that cannot be cached takes its last byte,
+    # the download is cancelled, which closes the connection to the origin
+    # after it has gone back to the pool; the next download's request is
+    # sent on it, cut, and sent again.)
+    assert origin.count(extra) >= outcomes.count("miss") >= 1 + rounds
+
+    # Its cache directory takes files again: the next request stores the
+    # file, and the origin is not asked for it again.
+    mend_cache(spool)
+    assert await health(http, sick) == (200, b"ok\n")
+    before = origin.count(extra)
+    await clients_get_everything(balancer.url, files, SICK_CLIENTS, seed=30)
+    await wait_until(lambda: sick.holds(extra), 10, f"{sick.name} to store {extra}")
+    await clients_get_everything(balancer.url, files, SICK_CLIENTS, seed=31)
+    assert origin.count(extra) == before + 1
