@@ -1491,6 +1491,8 @@ class Bench:
             steps.append(("py-spy profile of a miss", self.profile))
         steps.append(("speed: pkgcache --workers 1 and 2 against nginx with 2 workers",
                       lambda: speed.Speed(self).run()))
+        steps.append(("scale: nodes behind nginx against one node, origin downloads with --peer",
+                      lambda: scale_step.Scale(self).run()))
         for name, step in steps:
             if self.args.only and not any(word in name for word in self.args.only):
                 continue
@@ -1617,7 +1619,7 @@ def main() -> int:
                         help="also record a py-spy profile of a miss (py-spy in the venv)")
     parser.add_argument("--only", action="append", default=[],
                         help="run only the steps whose name contains this word (repeatable): "
-                             "miss, coalesced, slow, wrk, freshness, profile, speed")
+                             "miss, coalesced, slow, wrk, freshness, profile, speed, scale")
     parser.add_argument("--keep-workdir", action="store_true", help="for debugging")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "curl"):
@@ -1644,8 +1646,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # bench/speed.py imports this module as ``bench``: let it be this one.
+    # bench/speed.py and bench/scale.py import this module as ``bench``: let it be this one.
     sys.modules.setdefault("bench", sys.modules["__main__"])
+    import scale as scale_step  # (bench.human has a local named scale)
     import speed
 
     sys.exit(main())
