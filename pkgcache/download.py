@@ -279,7 +279,12 @@ class Download:
     def detach(self, follower: IFollower) -> None:
         self.followers.discard(follower)
         self.follower_advanced()
-        if not self.followers and self.state is DownloadState.UNCACHED:
+        if not self.followers and self.state is DownloadState.UNCACHED and not (
+            # Every byte is in (the last client took the last one): the
+            # source is ending the body, and cutting it now would only
+            # spoil a connection that is going back to the pool.
+            self.length is not None and self.received >= self.length
+        ):
             log.info("all clients of {path} left and it cannot be cached: stopping",
                      path=str(self.key))
             self.cancel()

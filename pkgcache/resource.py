@@ -288,7 +288,6 @@ class PackageCacheResource(Resource):
             return send_error(
                 request, LOOP_DETECTED,
                 f"loop detected: this request already passed through {self.node.decode()}",
-                phrase=b"Loop Detected",
             )
         request.setHeader(b"via", self._served_via)
         if request.method not in ALLOWED_METHODS:
@@ -471,20 +470,30 @@ class PackageCacheResource(Resource):
             if kept and stale is not None:
                 # Refused (older than the copy): the copy is the answer.
                 record.outcome = Outcome.REVALIDATED
-            _cache_status(
-                request, forwarded, f"fwd-status={response.code}", *kept,
-                upstream=response.header(b"cache-status"),
-            )
+            self._forwarded(request, response, forwarded, *kept)
             return self._answer_from_store(request, key)
         if client_gone:
             return
-        _cache_status(
-            request, forwarded, f"fwd-status={response.code}",
-            *(["stored"] if download.caching else []),
+        self._forwarded(
+            request, response, forwarded,
+            *(["stored"] if download.caching or download.published else []),
             *(["collapsed"] if joined else []),
-            upstream=response.header(b"cache-status"),
         )
         self._stream(request, download, response)
+
+    def _forwarded(
+        self, request: Request, response: UpstreamResponse, forwarded: str, *details: str
+    ) -> None:
+        """
+        Say where a forwarded answer came through: the source's own
+        ``Via`` and ``Cache-Status`` entries (a tier nearer the origin),
+        then ours.
+        """
+        request.setHeader(b"via", extended(response.header(b"via"), self.node))
+        _cache_status(
+            request, forwarded, f"fwd-status={response.code}", *details,
+            upstream=response.header(b"cache-status"),
+        )
 
     def _peer_path(
         self, request: Request, key: CacheKey, volatile: bool,
@@ -585,7 +594,7 @@ class PackageCacheResource(Resource):
         record.source = str(response.source)
         if client_gone:
             return
-        _cache_status(request, "fwd=miss", f"fwd-status={response.code}")
+        self._forwarded(request, response, "fwd=miss")
         entity = Entity(
             response.total_length, last_modified,
             response.content_type or DEFAULT_CONTENT_TYPE, response.header(b"etag"),

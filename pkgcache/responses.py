@@ -33,6 +33,7 @@ from pkgcache.ranges import UNSATISFIABLE, Multipart, requested_ranges
 from pkgcache.sources import AllSourcesFailed
 from pkgcache.timers import IdleTimer
 from pkgcache.upstream import BodyFailed
+from pkgcache.via import LOOP_DETECTED
 
 #: How much one read from the byte source takes: a file up to this size is
 #: answered in one write, with no producer.
@@ -388,6 +389,10 @@ def failure_response(reason: BaseException) -> tuple[int, str]:
     return BAD_GATEWAY, "the download failed"
 
 
+#: Reason phrases of the statuses we send that Twisted has none for.
+_PHRASES = {LOOP_DETECTED: b"Loop Detected"}
+
+
 def send_error(
     request: Request, status: int, message: str, phrase: Optional[bytes] = None
 ) -> None:
@@ -396,7 +401,7 @@ def send_error(
     there); ``phrase``, the reason phrase of a status Twisted has none for.
     """
     body = (message + "\n").encode("utf-8")
-    request.setResponseCode(status, phrase)
+    request.setResponseCode(status, phrase or _PHRASES.get(status))
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"content-length", b"%d" % (len(body),))

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 
 from pkgcache.paths import CacheKey
+from pkgcache.via import LOOP_DETECTED
 
 if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
@@ -96,10 +97,15 @@ class FailureKind(enum.Enum):
     REDIRECT_REFUSED = "redirect refused"
     TOO_LARGE = "too large"
     UNUSABLE = "unusable answer"
+    #: 508: our request had passed through that source already (a cache
+    #: whose sources lead back to us, or, for a peer, this very node).
+    LOOP = "loop detected"
 
     @property
     def marks_source_down(self) -> bool:
-        return self in (FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR)
+        return self in (
+            FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR, FailureKind.LOOP,
+        )
 
 
 @dataclass(frozen=True)
@@ -141,13 +147,17 @@ class AllSourcesFailed(Exception):
         The HTTP status for the client: 404 only when every source said
         404/410 (sources in back-off included: they are asked last, so a
         file only they have is never denied), 504 when every source timed
-        out, else 502.
+        out, 508 when every source said the request came round to it
+        (passed on, so that the client of a loop hears of the loop), else
+        502.
         """
         kinds = {attempt.kind for attempt in self.attempts}
         if kinds == {FailureKind.NOT_FOUND}:
             return http.NOT_FOUND
         if kinds == {FailureKind.TIMEOUT}:
             return http.GATEWAY_TIMEOUT
+        if kinds == {FailureKind.LOOP}:
+            return LOOP_DETECTED
         return http.BAD_GATEWAY
 
 

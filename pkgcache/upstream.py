@@ -20,7 +20,7 @@ miss of an immutable file asks them first, with ``Cache-Control:
 only-if-cached`` so that none of them fetches it for us: the file comes
 from the first that has it in its cache, else from the sources.  A peer
 that does not have it (404, 504) is asked again next time; one that
-fails (refused, silent for ``peer_timeout``, another 5xx: a 508 when the
+fails (refused, silent for ``peer_timeout``, a 5xx, or a 508 when the
 peer is this very node) sits out its back-off, as a source would.
 """
 
@@ -50,6 +50,7 @@ from pkgcache.sources import (
     AllSourcesFailed, Attempt, FailureKind, Peer, Source, SourceAnswer, SourceHealth,
 )
 from pkgcache.timers import IdleTimer
+from pkgcache.via import LOOP_DETECTED
 
 USER_AGENT = f"pkgcache/{__version__}".encode("ascii")
 #: A peer's answers that mean it does not have the file (a pkgcache asked
@@ -552,6 +553,8 @@ def _check_response(
     code = response.code
     if code in (http.NOT_FOUND, http.GONE):
         return _SourceFailed(FailureKind.NOT_FOUND, f"HTTP {code}")
+    if code == LOOP_DETECTED:
+        return _SourceFailed(FailureKind.LOOP, f"HTTP {code}")
     if code >= 500:
         return _SourceFailed(FailureKind.SERVER_ERROR, f"HTTP {code}")
     if (

@@ -74,10 +74,10 @@ async def test_two_nodes_that_are_each_others_source_fail_at_once(make_proxy, ht
     second = make_proxy([Source(first.url + "/")], FilePath(str(tmp_path / "b")), node_name="b")
     first.resource.upstream.sources = [Source(second.url + "/")]
     response, body = await within(1, fetch(http, first.url + PATH), "the loop went round")
-    assert response.code == 502
+    assert (response.code, response.phrase) == (508, b"Loop Detected")
     # A asked B, B asked A, and A refused: its own name was in the Via.
     answers = second.resource.metrics.registry.get_sample_value(
         "pkgcache_upstream_requests_total", {"source": first.url + "/", "status": "508"}
     )
     assert answers == 1
-    assert b"HTTP 502" in body
+    assert b"loop detected (HTTP 508)" in body

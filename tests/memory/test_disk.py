@@ -11,7 +11,7 @@ import errno
 from twisted.internet.defer import fail, maybeDeferred
 
 from pkgcache.download import MEMORY_HIGH_WATER
-from tests.memory.conftest import A, HeldDisk, url
+from tests.memory.conftest import A, HeldDisk, key, url
 
 MIB = 1024 * 1024
 CHUNK = bytes(range(256)) * 4096  # 1 MiB
@@ -69,3 +69,23 @@ def test_a_download_nobody_follows_that_cannot_be_cached_stops(make_cache, netwo
     cache.disconnect(client)
     assert body.stopped
     assert cache.spools() == []
+
+
+def test_an_uncached_download_whose_client_takes_the_last_byte_lets_the_body_end(
+    make_cache, network
+):
+    """
+    The client takes the last byte as it arrives, before the source's
+    response has ended: the body is left to end on its own, not cut (a cut
+    there spoilt a keep-alive connection to the source, whose next request
+    then broke and was sent again).
+    """
+    small = CHUNK[:16 * 1024]  # so that the client's connection takes each at once
+    cache = make_cache(run_blocking=_no_space_for_writes)
+    client = cache.get()
+    body = network.pending(url(A)).respond(length=2 * len(small))
+    body.send(small)
+    body.send(small)
+    assert (client.body, client.complete) == (small * 2, True)
+    assert not body.stopped
+    assert cache.resource.downloads.in_flight(key()) is None
