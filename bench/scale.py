@@ -284,11 +284,20 @@ class Scale:
 
     def add_against_one_node(self, section: str, what: str, values: dict[str, list[float]],
                              unit: str) -> None:
-        reference = statistics.median(values[ONE_NODE])
+        """A row per subject (its median, against the one node's), then each
+        subject against the one node round by round (``values`` are in round
+        order): on a shared machine the load drifts between rounds more
+        than within one."""
+        reference = values[ONE_NODE]
         for subject, samples in values.items():
             value = statistics.median(samples)
             self.bench.add(Row(section, f"{subject}: {what}", value, unit, samples=samples,
-                               ratio=value / reference, ratio_to="of one node"))
+                               ratio=value / statistics.median(reference), ratio_to="of one node"))
+        for subject, samples in values.items():
+            if subject != ONE_NODE:
+                ratios = [value / one for value, one in zip(samples, reference)]
+                self.bench.add(Row(section, f"{subject[:3]} / (a), {what}, round by round",
+                                   statistics.median(ratios), "x", samples=ratios))
 
     def throughput(self) -> None:
         bench = self.bench
