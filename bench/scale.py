@@ -368,12 +368,13 @@ class Scale:
 
     # origin downloads when nodes change
 
-    def moves(self, ports: list[int], with_peers: bool) -> dict[str, dict[str, int]]:
+    def moves(self, ports: list[int], with_peers: bool) -> dict[str, dict[str, float]]:
         """
         The stages, with or without ``--peer`` (each of the first three
         nodes naming the other two; the fourth, the three).  For each stage:
-        the origin downloads it made and the files copied from a peer; and
-        the shares of the nodes (the files each holds once it took them).
+        the origin downloads it made, the files copied from a peer and the
+        clients' time; and the shares of the nodes (the files each holds
+        once it took them).
         """
         bench = self.bench
         label, directory = "scale-moves", "scale/moved"
@@ -386,9 +387,9 @@ class Scale:
         first, replaced, joining = nodes[:3], nodes[1], nodes[3]
         running: list[Node] = []
         balancer = None
-        stages: dict[str, dict[str, int]] = {}
+        stages: dict[str, dict[str, float]] = {}
 
-        def stage(name: str, change) -> dict[str, int]:
+        def stage(name: str, change) -> dict[str, float]:
             """Apply ``change``, then every client fetches every file; count."""
             origin_before = self.origin_downloads(label)
             copies_before = {node.name: node.peer_copies() for node in running}
@@ -400,6 +401,7 @@ class Scale:
                 "origin": self.origin_downloads(label) - origin_before,
                 "copies": sum(node.peer_copies() - copies_before.get(node.name, 0)
                               for node in running),
+                "seconds": wall,
             }
             stages[name] = found
             bench.log(f"  {'with' if with_peers else 'without'} --peer, {name}: "
@@ -492,12 +494,13 @@ class Scale:
             self.bench.add(Row(section, f"{name}'s share after the fill",
                                alone["fill"][f"share {name}"], "requests"))
         self.bench.add(Row(section, "node-d's share once it joins", share_d, "requests"))
-        for name, what, expected_alone, expected_peers in (
+        stages = (
             ("fill", "fill: 3 nodes, empty", MOVED_FILES, MOVED_FILES),
             ("away", "node-b killed (SIGKILL): its files move", share_b, share_b),
             ("back", "node-b replaced: empty cache, same port, taken back", share_b, 0),
             ("join", "node-d joins (4th server line, nginx reload)", share_d, 0),
-        ):
+        )
+        for name, what, expected_alone, expected_peers in stages:
             self.bench.add(Row(section, f"{what}: without --peer", alone[name]["origin"],
                                "requests", target=f"{expected_alone}",
                                met=alone[name]["origin"] == expected_alone))
@@ -506,6 +509,11 @@ class Scale:
                                met=peers[name]["origin"] == expected_peers))
             self.bench.add(Row(section, f"{what}: with --peer, copied from a peer",
                                peers[name]["copies"], "requests"))
+        section = (f"time for the {MOVE_CLIENTS} clients to fetch the {MOVED_FILES} files, "
+                   f"per stage (peers asked first cost a round trip each)")
+        for name, what, _, _ in stages:
+            for mode, found in (("without --peer", alone), ("with --peer", peers)):
+                self.bench.add(Row(section, f"{what}: {mode}", found[name]["seconds"], "s"))
 
     def run(self) -> None:
         self.bench.log(" scale: throughput, one node against nodes behind nginx")
