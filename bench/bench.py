@@ -743,6 +743,8 @@ class Bench:
             [self.args.twist, "--log-format=text", "pkgcache",
              "--source", f"http://127.0.0.1:{origin}/",
              "--cache-dir", str(cache),
+             # Its Cache-Status entries then say "pkgcache; ...", as checked.
+             "--node-name", "pkgcache",
              "--listen", f"tcp:{port}:interface=127.0.0.1{listen_options}", *options],
             stdout=log, stderr=subprocess.STDOUT,
         )

@@ -230,8 +230,8 @@ class Download:
 
     @property
     def caching(self) -> bool:
-        """The body is being spooled, to be published once complete."""
-        return self.state is DownloadState.RECEIVING and (
+        """The body is being spooled (or is, whole), to be published."""
+        return self.state in (DownloadState.RECEIVING, DownloadState.COMPLETE) and (
             self._spool is not None or self._remote is not None
         )
 

@@ -71,20 +71,6 @@ class _RequestRecord:
     started: float = 0.0
 
 
-def _cache_status(request: Request, *parameters: str, upstream: Optional[bytes] = None) -> None:
-    """
-    Say what the cache did, as RFC 9211 ``Cache-Status`` does: after the
-    entries of the caches the answer came through (``upstream``: those of
-    a source that is a cache itself, a tier nearer the origin).
-    """
-    entry = "; ".join(("pkgcache",) + parameters).encode("ascii")
-    request.setHeader(b"cache-status", upstream + b", " + entry if upstream else entry)
-
-
-#: The ``Cache-Status`` of an immutable hit, the most common answer.
-_IMMUTABLE_HIT = b"pkgcache; hit"
-
-
 def _cache_control(request: Request) -> dict[bytes, bytes]:
     """The request's ``Cache-Control`` directives, by lower-case name (values as sent)."""
     header = request.getHeader(b"cache-control")
@@ -212,6 +198,8 @@ class PackageCacheResource(Resource):
         self.name = name
         self.node = (node_name or default_node_name()).encode("ascii")
         self._served_via = extended(None, self.node)
+        #: The ``Cache-Status`` of an immutable hit, the most common answer.
+        self._immutable_hit = self.node + b"; hit"
         self._rewriter = rewriter
         self._public_url = public_url
         self._access_log = access_log
@@ -317,7 +305,7 @@ class PackageCacheResource(Resource):
         volatile = self.freshness.is_volatile(key)
         if cached is not None and not volatile:
             record.outcome = Outcome.HIT
-            request.setHeader(b"cache-status", _IMMUTABLE_HIT)
+            request.setHeader(b"cache-status", self._immutable_hit)
             return serve_hit(
                 request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout
             )
@@ -328,7 +316,7 @@ class PackageCacheResource(Resource):
             # with every index request.
             record.outcome = Outcome.NEGATIVE
             self.metrics.negative_hit(self.name)
-            _cache_status(request, "hit", "detail=negative")
+            self._cache_status(request, "hit", "detail=negative")
             return send_error(request, http.NOT_FOUND, "no source has this file (remembered)")
         self._miss(request, key, record, volatile, None)
 
@@ -347,7 +335,7 @@ class PackageCacheResource(Resource):
             raise
         if fresh_for_client:
             record.outcome = Outcome.HIT
-            _cache_status(request, "hit", f"ttl={self.freshness.ttl(metadata)}")
+            self._cache_status(request, "hit", f"ttl={self.freshness.ttl(metadata)}")
             return self._serve_copy(request, key, cached)
         if consistent and key in self.freshness.unreachable and (
             self.freshness.may_serve_stale(metadata)
@@ -370,7 +358,7 @@ class PackageCacheResource(Resource):
             if revalidation is not None:
                 revalidation.copy.close()
             record.outcome = Outcome.MISS
-            _cache_status(request, "detail=only-if-cached")
+            self._cache_status(request, "detail=only-if-cached")
             return send_error(request, http.GATEWAY_TIMEOUT, "not in this cache (only-if-cached)")
         rewritten = self._rewriter is not None and self._rewriter.applies(key)
         if request.method == b"HEAD" and revalidation is None and not rewritten:
@@ -442,7 +430,7 @@ class PackageCacheResource(Resource):
                 if copy is not None:
                     copy.close()
             record.outcome = Outcome.ERROR
-            _cache_status(request, forwarded, *_failure_detail(failed))
+            self._cache_status(request, forwarded, *_failure_detail(failed))
             return send_error(request, *failure_response(failed))
         record.source = str(response.source)
         self.freshness.unreachable.forget(key)
@@ -452,7 +440,7 @@ class PackageCacheResource(Resource):
             record.outcome = Outcome.REVALIDATED
             if client_gone:
                 return
-            _cache_status(request, forwarded, "fwd-status=304")
+            self._cache_status(request, forwarded, "fwd-status=304")
             return self._answer_from_store(request, key)
         if stale is not None and not joined:
             self.metrics.revalidated(self.name, "modified")
@@ -481,6 +469,18 @@ class PackageCacheResource(Resource):
         )
         self._stream(request, download, response)
 
+    def _cache_status(
+        self, request: Request, *parameters: str, upstream: Optional[bytes] = None
+    ) -> None:
+        """
+        Say what this node did, as RFC 9211 ``Cache-Status`` does, under its
+        name: after the entries of the caches the answer came through
+        (``upstream``: those of a source that is a cache itself, a tier
+        nearer the origin), so that a client sees which tier answered.
+        """
+        entry = b"; ".join((self.node, *(parameter.encode("ascii") for parameter in parameters)))
+        request.setHeader(b"cache-status", upstream + b", " + entry if upstream else entry)
+
     def _forwarded(
         self, request: Request, response: UpstreamResponse, forwarded: str, *details: str
     ) -> None:
@@ -490,7 +490,7 @@ class PackageCacheResource(Resource):
         then ours.
         """
         request.setHeader(b"via", extended(response.header(b"via"), self.node))
-        _cache_status(
+        self._cache_status(
             request, forwarded, f"fwd-status={response.code}", *details,
             upstream=response.header(b"cache-status"),
         )
@@ -542,7 +542,7 @@ class PackageCacheResource(Resource):
                  path=request.path.decode("utf-8", "replace"))
         record.outcome = Outcome.STALE
         self.metrics.stale_answer(self.name)
-        _cache_status(request, "hit", "detail=stale-if-error")
+        self._cache_status(request, "hit", "detail=stale-if-error")
         self._serve_copy(request, key, cached)
 
     def _sources_failed(
@@ -588,7 +588,7 @@ class PackageCacheResource(Resource):
             except AllSourcesFailed as failed:
                 self._sources_failed(key, failed, revalidation=False, counted=False)
                 record.outcome = Outcome.ERROR
-                _cache_status(request, "fwd=miss", *_failure_detail(failed))
+                self._cache_status(request, "fwd=miss", *_failure_detail(failed))
                 return send_error(request, *failure_response(failed))
             last_modified = response.last_modified or self._reactor.seconds()
         record.source = str(response.source)

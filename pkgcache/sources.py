@@ -168,7 +168,10 @@ class SourceHealth:
     A source that fails in a way that :attr:`FailureKind.marks_source_down`
     goes to the end of the order for ``initial_backoff`` seconds, doubling
     on each further failure up to ``max_backoff``; a success forgets its
-    history.  A 404 says nothing about health.
+    history.  A 404 says nothing about health.  A failure while it is in
+    back-off already (of requests that were under way when it went down,
+    or of its last-resort tries) does not lengthen it: one outage, one
+    doubling, however many requests met it.
     """
 
     def __init__(
@@ -188,14 +191,17 @@ class SourceHealth:
 
     def record_failure(self, source: Source) -> float:
         """
-        Put ``source`` in back-off.
+        Put ``source`` in back-off (or leave it there).
 
         :return: for how many seconds.
         """
+        now = self._clock.seconds()
+        if self.is_down(source):
+            return self._down_until[source] - now
         failures = self._failures.get(source, 0) + 1
         self._failures[source] = failures
         backoff = min(self._initial * 2 ** min(failures - 1, 32), self._max)
-        self._down_until[source] = self._clock.seconds() + backoff
+        self._down_until[source] = now + backoff
         return backoff
 
     def record_success(self, source: Source) -> None:

@@ -45,7 +45,9 @@ from pkgcache import __version__
 from pkgcache.metadata import EntryMetadata
 from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
-from pkgcache.redirects import DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins
+from pkgcache.redirects import (
+    DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins, discard_body,
+)
 from pkgcache.sources import (
     AllSourcesFailed, Attempt, FailureKind, Peer, Source, SourceAnswer, SourceHealth,
 )
@@ -391,7 +393,12 @@ class UpstreamClient:
             except _SourceFailed as failed:
                 missing = failed.kind is FailureKind.NOT_FOUND
                 self.metrics.peer_answered(str(peer), "miss" if missing else "error")
-                self._record_failure(Attempt(peer, failed.kind, failed.detail), key)
+                if missing:
+                    self.health.record_success(peer)  # it answered: it is up
+                detail = failed.detail
+                if failed.kind is FailureKind.LOOP:
+                    detail += ": it is this node, or a node with this one's --node-name"
+                self._record_failure(Attempt(peer, failed.kind, detail), key)
                 continue
             self.metrics.peer_answered(str(peer), "hit")
             return response
@@ -500,7 +507,8 @@ class UpstreamClient:
             response.deliverBody(DiscardBody())
             return upstream
         if peer and response.code in NOT_IN_PEER:
-            response.deliverBody(DiscardBody())
+            # The common answer of a peer: its connection is worth keeping.
+            discard_body(response)
             raise _SourceFailed(FailureKind.NOT_FOUND, f"not in its cache (HTTP {response.code})")
         problem = _check_response(upstream, offset, total_length, self.max_body_size)
         if problem is not None:

@@ -106,6 +106,9 @@ async def make_proxy(tmp_path):
 
     def make(sources, cache_dir: Optional[FilePath] = None, **options) -> Proxy:
         cache_dir = cache_dir or FilePath(str(tmp_path)).child("cache")
+        # Named as the tests' Cache-Status expectations have it (by
+        # default a node is named after the host).
+        options.setdefault("node_name", "pkgcache")
         resource = PackageCacheResource(sources, cache_dir, **options)
         service = CacheService(resource)
         service.startService()

@@ -48,13 +48,13 @@ async def test_a_miss_is_copied_from_the_peer_that_holds_it(origin, make_proxy, 
     assert origin.count(PATH) == 1
     # Which tier answered: the peer's hit, then this node's stored miss.
     cache_status = response.headers.getRawHeaders(b"cache-status")[0].decode()
-    assert cache_status == "pkgcache; hit, pkgcache; fwd=miss; fwd-status=200; stored"
+    assert cache_status == "node-2; hit, node-1; fwd=miss; fwd-status=200; stored"
     assert response.headers.getRawHeaders(b"via") == [b"1.1 node-2, 1.1 node-1"]
     # Stored: asked again, the newcomer answers from its own cache.
     await newcomer.published(PATH)
     response, body = await fetch(http, newcomer.url + PATH)
     assert (sha256(body), origin.count(PATH)) == (sha256(data), 1)
-    assert response.headers.getRawHeaders(b"cache-status") == [b"pkgcache; hit"]
+    assert response.headers.getRawHeaders(b"cache-status") == [b"node-1; hit"]
 
 
 @pytest_twisted.ensureDeferred
@@ -105,7 +105,7 @@ async def test_nodes_given_the_same_peer_list_including_themselves(origin, twist
     response, body = await fetch(http, second.url + PATH)
     assert (response.code, sha256(body)) == (200, sha256(data))
     assert origin.count(PATH) == 1
-    assert response.headers.getRawHeaders(b"cache-status")[0].startswith(b"pkgcache; hit, ")
+    assert response.headers.getRawHeaders(b"cache-status")[0].startswith(b"node-1; hit, node-2; ")
     assert response.headers.getRawHeaders(b"via") == [b"1.1 node-1, 1.1 node-2"]
 
 

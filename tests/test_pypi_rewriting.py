@@ -87,6 +87,7 @@ async def serve(tmp_path):
         root = MirrorsResource(
             [Mirror("pypi", (Source(index_url),), "pypi", files=(Source(files_url),))],
             cache_dir=FilePath(str(tmp_path / "cache")),
+            node_name="pkgcache",
         )
         service = CacheService(root)
         service.startService()

@@ -45,14 +45,19 @@ OFFICES = 3
 #: own, each asking for every file in an order of its own.
 CLIENTS = 8
 
-#: The Cache-Status entries a tier may give a file it forwards (RFC 9211):
-#: its own download, stored; or someone else's download it joined (while
-#: the body was coming: "stored"; once the whole body was in, while it was
-#: being published, without).
-MISS = b"pkgcache; fwd=miss; fwd-status=200; stored"
-JOINED = (b"pkgcache; fwd=miss; fwd-status=200; stored; collapsed",
-          b"pkgcache; fwd=miss; fwd-status=200; collapsed")
-HIT = b"pkgcache; hit"
+#: The Cache-Status entries a tier may give a file it forwards (RFC 9211),
+#: under its node name: its own download, stored; or someone else's download
+#: it joined; or its stored copy.
+def miss(name: bytes) -> bytes:
+    return name + b"; fwd=miss; fwd-status=200; stored"
+
+
+def joined(name: bytes) -> bytes:
+    return name + b"; fwd=miss; fwd-status=200; stored; collapsed"
+
+
+def hit(name: bytes) -> bytes:
+    return name + b"; hit"
 
 
 def node(processes, name: str, source: str) -> Node:
@@ -118,10 +123,10 @@ async def test_offices_behind_a_datacenter_node_make_one_origin_download_per_fil
 
     # -- what each client was told: an office's hit, or what the office
     # forwarded, with the datacenter's entry first and the office's last.
-    # A tier's own download is MISS; so the office's entry is MISS for the
-    # one request that made its download of a file, JOINED or HIT for the
-    # others, and under each office's MISS the datacenter's entry is MISS
-    # for one office and JOINED or HIT for the others, which only the order
+    # A tier's own download is a miss; so the office's entry is a miss for the
+    # one request that made its download of a file, joined or hit for the
+    # others, and under each office's miss the datacenter's entry is a miss
+    # for one office and joined or hit for the others, which only the order
     # datacenter-then-office allows.
     upstream_of_misses: dict[str, list[bytes]] = {path: [] for path in files}
     for office in offices:
@@ -130,18 +135,19 @@ async def test_offices_behind_a_datacenter_node_make_one_origin_download_per_fil
         for path, headers in seen[office.name]:
             (status,) = headers.getRawHeaders(b"cache-status")
             *upstream, own = entries(status)
-            assert via_names(headers)[-1:] == [office.name.encode()], headers
-            if own == HIT:
+            name = office.name.encode()
+            assert via_names(headers)[-1:] == [name], headers
+            if own == hit(name):
                 assert upstream == [], status
                 continue
-            assert (own == MISS or own in JOINED) and len(upstream) == 1, status
-            assert upstream[0] == MISS or upstream[0] in (*JOINED, HIT), status
-            if own == MISS:
+            assert own in (miss(name), joined(name)) and len(upstream) == 1, status
+            assert upstream[0] in (miss(b"dc"), joined(b"dc"), hit(b"dc")), status
+            if own == miss(name):
                 misses.append(path)
                 upstream_of_misses[path].append(upstream[0])
         assert sorted(misses) == sorted(files), f"{office.name}: not one download per file"
     for path, upstream in upstream_of_misses.items():
-        assert upstream.count(MISS) == 1 and len(upstream) == OFFICES, (path, upstream)
+        assert upstream.count(miss(b"dc")) == 1 and len(upstream) == OFFICES, (path, upstream)
 
     # -- the datacenter was asked once per office for each file (its access
     # log is written within a second).
@@ -166,7 +172,9 @@ async def test_the_client_sees_both_tiers_in_via(origin, processes, http):
     await started(http, datacenter, office)
     response, body = await within(10, fetch(http, office.url + path), "no answer")
     assert response.code == 200 and body == origin.origin.files[path].data
-    assert response.headers.getRawHeaders(b"cache-status") == [MISS + b", " + MISS]
+    assert response.headers.getRawHeaders(b"cache-status") == [
+        miss(b"dc") + b", " + miss(b"office1")
+    ]
     assert via_names(response.headers) == [b"dc", b"office1"]
 
 

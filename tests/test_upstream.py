@@ -75,7 +75,12 @@ def test_backoff_grows_is_capped_and_forgotten_on_success():
     clock = Clock()
     health = SourceHealth(clock, initial_backoff=10, max_backoff=60)
     source = Source("http://m.example/")
-    assert [health.record_failure(source) for _ in range(5)] == [10, 20, 40, 60, 60]
+    backoffs = []
+    for _ in range(5):
+        backoffs.append(health.record_failure(source))
+        clock.advance(backoffs[-1])  # tried again once its back-off is over
+    assert backoffs == [10, 20, 40, 60, 60]
+    health.record_failure(source)
     assert health.is_down(source)
     clock.advance(59)
     assert health.is_down(source)
@@ -192,8 +197,22 @@ async def test_a_source_that_always_cuts_its_bodies_backs_off_further(origins, m
 
 
 def test_backoff_survives_very_many_failures():
-    health = SourceHealth(Clock(), initial_backoff=10, max_backoff=600)
+    clock = Clock()
+    health = SourceHealth(clock, initial_backoff=10, max_backoff=600)
     source = Source("http://m.example/")
     for _ in range(5000):
         backoff = health.record_failure(source)
+        clock.advance(backoff)
     assert backoff == 600
+
+
+def test_failures_while_in_backoff_do_not_lengthen_it():
+    """Many requests under way when a source goes down: one outage, 10 s."""
+    clock = Clock()
+    health = SourceHealth(clock, initial_backoff=10, max_backoff=600)
+    source = Source("http://m.example/")
+    assert [health.record_failure(source) for _ in range(5)] == [10] * 5
+    clock.advance(4)
+    assert health.record_failure(source) == 6
+    clock.advance(6)
+    assert health.record_failure(source) == 20

@@ -41,14 +41,14 @@ async def test_offices_behind_a_datacenter_node_make_one_origin_download(
             statuses.append(response.headers.getRawHeaders(b"cache-status")[0])
             await office.published(PATH)
             await datacenter.published(PATH)
-        assert response.headers.getRawHeaders(b"via") == [f"1.1 {office.resource.node.decode()}".encode()]
+        assert response.headers.getRawHeaders(b"via") == [b"1.1 " + office.resource.node]
     assert origin.count(PATH) == 1
     # Each tier's entry is kept, the one nearer the origin first (RFC 9211).
     assert statuses == [
-        b"pkgcache; fwd=miss; fwd-status=200; stored, pkgcache; fwd=miss; fwd-status=200; stored",
-        b"pkgcache; hit",
-        b"pkgcache; hit, pkgcache; fwd=miss; fwd-status=200; stored",
-        b"pkgcache; hit",
+        b"dc; fwd=miss; fwd-status=200; stored, office1; fwd=miss; fwd-status=200; stored",
+        b"office1; hit",
+        b"dc; hit, office2; fwd=miss; fwd-status=200; stored",
+        b"office2; hit",
     ]
 
 

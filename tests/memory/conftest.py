@@ -827,6 +827,8 @@ class MemoryCache:
             peers=[Peer(peer) for peer in peers],
         )
         self.store = CacheStore(cache_dir, reactor=clock, run_blocking=run_blocking)
+        # Named as the tests' Cache-Status expectations have it.
+        resource_options.setdefault("node_name", "pkgcache")
         self.resource = PackageCacheResource(
             reactor=clock,
             upstream=self.upstream,

@@ -143,3 +143,33 @@ def test_the_path_is_asked_as_the_client_sent_it(node, network):
     assert network.waiting[0].url == PEER.rstrip("/") + "/distfiles/foo%2B1.0%20(x).tar.gz"
     network.waiting[0].serve(DATA)
     assert client.body == DATA
+
+
+def test_a_peers_short_answer_is_read_so_its_connection_is_kept(node, network):
+    """A peer's 504 (a few bytes, with a length) is read to its end: the
+    connection goes back to the pool, not a new one per miss."""
+    client = node.get()
+    answer = network.pending(url(PEER)).serve(b"not in this cache (only-if-cached)\n", code=504)
+    assert answer.ended and not answer.stopped
+    network.pending(url(A)).serve(DATA)
+    assert client.body == DATA
+
+
+def test_a_peer_that_answers_again_is_out_of_backoff(node, network):
+    """A 504 says the peer is up: a failure before it is forgotten."""
+    node.get()
+    network.pending(url(PEER)).refuse()
+    network.pending(url(A)).serve(DATA)
+    node.advance(10.0)
+    node.get("/distfiles/bar-2.0.tar.gz")
+    network.pending(url(PEER, "/distfiles/bar-2.0.tar.gz")).serve(b"", code=504)
+    network.pending(url(A, "/distfiles/bar-2.0.tar.gz")).serve(DATA)
+    node.get("/distfiles/baz-3.0.tar.gz")
+    network.pending(url(PEER, "/distfiles/baz-3.0.tar.gz")).refuse()
+    network.pending(url(A, "/distfiles/baz-3.0.tar.gz")).serve(DATA)
+    # Back-off from the start (10 s), not doubled from the first failure.
+    peer = node.upstream.peers[0]
+    node.advance(9.9)
+    assert node.health.is_down(peer)
+    node.advance(0.1)
+    assert not node.health.is_down(peer)
