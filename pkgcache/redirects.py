@@ -203,31 +203,6 @@ class DiscardBody(Protocol):
         self.transport.stopProducing()
 
 
-class _DropBody(Protocol):
-    """Reads a body to its end, for nothing: its connection is kept."""
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-
-#: An unwanted body announced this short is read rather than cut off.
-SHORT_BODY = 4096
-
-
-def discard_body(response: IResponse) -> None:
-    """
-    Get rid of an unwanted body that comes often (a peer's 504): a short
-    one is read, so that its keep-alive connection goes back to the pool
-    rather than a new one being made for the next request; a long one, or
-    one of unknown length, closes its connection.
-    """
-    length = response.length
-    if isinstance(length, int) and length <= SHORT_BODY:
-        response.deliverBody(_DropBody())
-    else:
-        response.deliverBody(DiscardBody())
-
-
 def _to_uri(url: URL) -> URL:
     """
     ``url`` in ASCII, as requests need it.

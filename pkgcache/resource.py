@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgcache.accesslog import AccessLog
+from pkgcache.cache_status import LOOP_DETAIL, cache_name, entry
 from pkgcache.download import Download, Downloads
 from pkgcache.freshness import (
     DEFAULT_MAX_AGE, DEFAULT_NEGATIVE_MAX_AGE, DEFAULT_STALE_IF_ERROR, Freshness,
@@ -66,6 +67,9 @@ class _RequestRecord:
     """What happened to one request, for its log line."""
 
     outcome: Outcome = Outcome.ERROR
+    #: a 5xx that is the answer asked for, not a failure: only-if-cached's
+    #: 504 (a sibling's probe) is a miss
+    status_asked_for: bool = False
     source: str = "-"
     #: when it began, if its line is logged (see ``log_requests``)
     started: float = 0.0
@@ -198,8 +202,9 @@ class PackageCacheResource(Resource):
         self.name = name
         self.node = (node_name or default_node_name()).encode("ascii")
         self._served_via = extended(None, self.node)
+        self._status_name = cache_name(self.node)
         #: The ``Cache-Status`` of an immutable hit, the most common answer.
-        self._immutable_hit = self.node + b"; hit"
+        self._immutable_hit = entry(self._status_name, "hit")
         self._rewriter = rewriter
         self._public_url = public_url
         self._access_log = access_log
@@ -259,20 +264,15 @@ class PackageCacheResource(Resource):
         try:
             self._answer(request, record)
         except Exception:
-            log.failure("error answering {path}", path=request.path)
-            record.outcome = Outcome.ERROR
-            if not request.startedWriting:
-                send_error(request, http.INTERNAL_SERVER_ERROR, "internal error")
-            elif not request.finished:
-                request.transport.abortConnection()
+            self._unexpected(Failure(), request, record)
         return NOT_DONE_YET
 
     def _answer(self, request: Request, record: _RequestRecord) -> None:
         if not self.store.running:
             # Not started (see CacheService), or closed.
             return send_error(request, http.SERVICE_UNAVAILABLE, "the cache is not running")
-        incoming_via = request.getHeader(b"via")
-        if passed(incoming_via, self.node):
+        if passed(_incoming_via(request), self.node):
+            self._cache_status(request, LOOP_DETAIL)
             return send_error(
                 request, LOOP_DETECTED,
                 f"loop detected: this request already passed through {self.node.decode()}",
@@ -291,7 +291,7 @@ class PackageCacheResource(Resource):
                 key = self._rewriter.key_for(request.postpath)
         except UnsafePath as unsafe:
             return send_error(request, unsafe.status, unsafe.reason)
-        if self._rewriter is not None and self._rewriter.applies(key):
+        if self._rewrites(key):
             location = self._rewriter.redirect(key)
             if location is not None:
                 request.setHeader(b"location", location)
@@ -358,10 +358,10 @@ class PackageCacheResource(Resource):
             if revalidation is not None:
                 revalidation.copy.close()
             record.outcome = Outcome.MISS
+            record.status_asked_for = True
             self._cache_status(request, "detail=only-if-cached")
             return send_error(request, http.GATEWAY_TIMEOUT, "not in this cache (only-if-cached)")
-        rewritten = self._rewriter is not None and self._rewriter.applies(key)
-        if request.method == b"HEAD" and revalidation is None and not rewritten:
+        if request.method == b"HEAD" and revalidation is None and not self._rewrites(key):
             # (A rewritten document's length is known only once it is.)
             answering = self._head_miss(request, key, record)
         else:
@@ -370,7 +370,7 @@ class PackageCacheResource(Resource):
 
     def _serve_copy(self, request: Request, key: CacheKey, cached: CachedFile) -> None:
         """Serve a cached copy: as it is, or rewritten (see ``rewriter``)."""
-        if self._rewriter is None or not self._rewriter.applies(key):
+        if not self._rewrites(key):
             return serve_hit(
                 request, cached, clock=self._reactor, stall_timeout=self._client_stall_timeout
             )
@@ -406,7 +406,7 @@ class PackageCacheResource(Resource):
             revalidating=stale,
             conditional=revalidation is None or revalidation.conditional,
             volatile=volatile,
-            via=extended(request.getHeader(b"via"), self.node),
+            via=extended(_incoming_via(request), self.node),
             peer_path=self._peer_path(request, key, volatile, revalidation),
         )
         if revalidation is None:
@@ -444,9 +444,7 @@ class PackageCacheResource(Resource):
             return self._answer_from_store(request, key)
         if stale is not None and not joined:
             self.metrics.revalidated(self.name, "modified")
-        if is_release_file(str(key)) or (
-            self._rewriter is not None and self._rewriter.applies(key)
-        ):
+        if is_release_file(str(key)) or self._rewrites(key):
             # Answered from the store once complete: a Debian release is
             # checked first (an older one than ours is refused, the indexes
             # it lists are checked: kinds.debian), a PyPI page is rewritten
@@ -478,8 +476,8 @@ class PackageCacheResource(Resource):
         (``upstream``: those of a source that is a cache itself, a tier
         nearer the origin), so that a client sees which tier answered.
         """
-        entry = b"; ".join((self.node, *(parameter.encode("ascii") for parameter in parameters)))
-        request.setHeader(b"cache-status", upstream + b", " + entry if upstream else entry)
+        own = entry(self._status_name, *parameters)
+        request.setHeader(b"cache-status", upstream + b", " + own if upstream else own)
 
     def _forwarded(
         self, request: Request, response: UpstreamResponse, forwarded: str, *details: str
@@ -489,10 +487,10 @@ class PackageCacheResource(Resource):
         ``Via`` and ``Cache-Status`` entries (a tier nearer the origin),
         then ours.
         """
-        request.setHeader(b"via", extended(response.header(b"via"), self.node))
+        request.setHeader(b"via", extended(response.header_line(b"via"), self.node))
         self._cache_status(
             request, forwarded, f"fwd-status={response.code}", *details,
-            upstream=response.header(b"cache-status"),
+            upstream=response.header_line(b"cache-status"),
         )
 
     def _peer_path(
@@ -505,11 +503,13 @@ class PackageCacheResource(Resource):
         asked of its source, and a peer would answer a rewritten document
         with its own links.
         """
-        if revalidation is not None or volatile or not self.upstream.peers:
-            return None
-        if self._rewriter is not None and self._rewriter.applies(key):
+        if revalidation is not None or volatile or not self.upstream.peers or self._rewrites(key):
             return None
         return request.path
+
+    def _rewrites(self, key: CacheKey) -> bool:
+        """``key`` is a document served rewritten (see ``rewriter``)."""
+        return self._rewriter is not None and self._rewriter.applies(key)
 
     def _stream(self, request: Request, download: Download, response: UpstreamResponse) -> None:
         entity = Entity(
@@ -583,7 +583,7 @@ class PackageCacheResource(Resource):
         else:
             try:
                 response = await self.upstream.fetch(
-                    key, method=b"HEAD", via=extended(request.getHeader(b"via"), self.node)
+                    key, method=b"HEAD", via=extended(_incoming_via(request), self.node)
                 )
             except AllSourcesFailed as failed:
                 self._sources_failed(key, failed, revalidation=False, counted=False)
@@ -617,7 +617,7 @@ class PackageCacheResource(Resource):
 
     def _request_done(self, result, request: Request, record: _RequestRecord) -> None:
         dropped = isinstance(result, Failure)
-        if request.code >= 500:
+        if request.code >= 500 and not record.status_asked_for:
             # However it began, a request answered 5xx (a download that
             # failed before its first byte) is an error.
             record.outcome = Outcome.ERROR
@@ -660,7 +660,16 @@ def tree_url(request: Request, public_url: Optional[str]) -> Optional[str]:
 def _failure_detail(failed: AllSourcesFailed) -> list[str]:
     if failed.not_found:
         return ["fwd-status=404"]
+    if failed.status == LOOP_DETECTED:
+        # Passed on as a loop, so that the tier that asked says so too.
+        return [LOOP_DETAIL]
     return ["detail=no-source"]
+
+
+def _incoming_via(request: Request) -> Optional[bytes]:
+    """The request's ``Via``, every line of it."""
+    lines = request.requestHeaders.getRawHeaders(b"via")
+    return b", ".join(lines) if lines else None
 
 
 def _watch_disconnect(request: Request) -> list:

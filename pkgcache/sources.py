@@ -75,6 +75,9 @@ class Peer(Source):
     node's root URL, and only for what it has in its cache.
     """
 
+    def url_for(self, key: CacheKey) -> str:
+        raise TypeError("a peer is asked by the path a client asked for: see url_of_path")
+
     def url_of_path(self, path: bytes) -> str:
         """The URL of ``path`` (absolute, as a client sent it) on the peer."""
         # Escapes kept as sent; a byte no URL may hold is escaped.
@@ -97,14 +100,16 @@ class FailureKind(enum.Enum):
     REDIRECT_REFUSED = "redirect refused"
     TOO_LARGE = "too large"
     UNUSABLE = "unusable answer"
-    #: 508: our request had passed through that source already (a cache
-    #: whose sources lead back to us, or, for a peer, this very node).
+    #: A pkgcache's 508: our request had passed through it already (a
+    #: cache whose sources lead back to us, or, for a peer, this very
+    #: node).  Not a sign of the source's health: a client's Via can
+    #: name any node.
     LOOP = "loop detected"
 
     @property
     def marks_source_down(self) -> bool:
         return self in (
-            FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR, FailureKind.LOOP,
+            FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR,
         )
 
 
@@ -237,6 +242,11 @@ class SourceAnswer:
 
     def header(self, name: bytes) -> Optional[bytes]:
         return self.headers.getRawHeaders(name, [None])[0]
+
+    def header_line(self, name: bytes) -> Optional[bytes]:
+        """Every line of a list header (``Via``, ``Cache-Status``) as one."""
+        lines = self.headers.getRawHeaders(name)
+        return b", ".join(lines) if lines else None
 
     @property
     def content_type(self) -> Optional[bytes]:

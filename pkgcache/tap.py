@@ -186,7 +186,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--peer: {error}") from None
 
     def opt_peer_timeout(self, seconds: str) -> None:
-        """Seconds a peer may take to accept and answer before the sources are asked instead (one that fails is skipped for a back-off that starts at 10s). [default: 2]"""  # noqa: E501
+        """Seconds a peer may take to accept a connection and send its answer's headers before the sources are asked instead (one that fails is skipped for a back-off that starts at 10s; a body that stalls once begun is given up after --idle-timeout, and the rest fetched from the sources). [default: 2]"""  # noqa: E501
         self["peer-timeout"] = _positive_seconds("peer-timeout", seconds)
 
     def opt_connect_timeout(self, seconds: str) -> None:

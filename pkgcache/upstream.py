@@ -18,10 +18,16 @@ an in-memory one there.
 With peers (``--peer``: sibling nodes behind the same load balancer), a
 miss of an immutable file asks them first, with ``Cache-Control:
 only-if-cached`` so that none of them fetches it for us: the file comes
-from the first that has it in its cache, else from the sources.  A peer
-that does not have it (404, 504) is asked again next time; one that
-fails (refused, silent for ``peer_timeout``, a 5xx, or a 508 when the
-peer is this very node) sits out its back-off, as a source would.
+from the first that has it in its cache, else from the sources.  Only a
+peer's answer that says it is a hit of a pkgcache (its ``Cache-Status``),
+whole (a ``Content-Length``) and not a redirect is taken: a mistyped
+``--peer`` pointing at some other web server must not fill the cache.  A
+peer that does not have the file (404, 504) is asked again next time;
+one that fails in any other way (refused, silent for ``peer_timeout``,
+a 5xx, a 508 when the peer is this very node, an answer that is not a
+hit) sits out its back-off.  A peer is sent only this node's ``Via``: a
+client's own would let anyone name a peer in it, and have it answer 508
+and be skipped for everyone.
 """
 
 from __future__ import annotations
@@ -45,19 +51,21 @@ from pkgcache import __version__
 from pkgcache.metadata import EntryMetadata
 from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
-from pkgcache.redirects import (
-    DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins, discard_body,
-)
+from pkgcache.redirects import DiscardBody, RedirectPolicyAgent, RedirectRefused, allowed_origins
 from pkgcache.sources import (
     AllSourcesFailed, Attempt, FailureKind, Peer, Source, SourceAnswer, SourceHealth,
 )
 from pkgcache.timers import IdleTimer
-from pkgcache.via import LOOP_DETECTED
+from pkgcache.cache_status import is_hit, says_loop
+from pkgcache.via import LOOP_DETECTED, last_entry
 
 USER_AGENT = f"pkgcache/{__version__}".encode("ascii")
 #: A peer's answers that mean it does not have the file (a pkgcache asked
 #: ``only-if-cached`` answers 504 for a file it would have to fetch).
 NOT_IN_PEER = frozenset({http.NOT_FOUND, http.GONE, http.GATEWAY_TIMEOUT})
+#: A peer's short answer is read to its end (its connection then kept)
+#: if it is no longer than this.
+SHORT_BODY = 4096
 
 log = Logger()
 
@@ -174,6 +182,31 @@ class _BodyReceiver(Protocol):
         self.transport.resumeProducing()
 
     def abort(self) -> None:
+        self.transport.stopProducing()
+
+
+class _DropShortBody(Protocol):
+    """
+    Reads an unwanted short body to its end, for nothing, so that its
+    keep-alive connection goes back to the pool (a peer's 504 comes with
+    every miss it does not have); a long one, one of unknown length, or
+    one that does not come within ``timeout``, closes its connection.
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float, length) -> None:
+        self._short = isinstance(length, int) and length <= SHORT_BODY
+        self._timer = IdleTimer(clock, timeout, self._give_up)
+
+    def connectionMade(self) -> None:
+        if self._short:
+            self._timer.touch()
+        else:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._timer.stop()
+
+    def _give_up(self) -> None:
         self.transport.stopProducing()
 
 
@@ -312,6 +345,9 @@ class UpstreamClient:
         self._pool: Optional[HTTPConnectionPool] = None
         if agent is None:
             agent, self._pool = network_agent(reactor, connect_timeout)
+        # Peers are asked with no redirect followed: a pkgcache never
+        # answers a file with one.
+        self._peer_http = HTTPClient(IdentityEncodingAgent(agent))
         agent = RedirectPolicyAgent(agent, allowed_origins(source.url for source in self.sources))
         self._http = HTTPClient(IdentityEncodingAgent(agent))
 
@@ -348,11 +384,11 @@ class UpstreamClient:
         :param via: the ``Via`` header to send (see :mod:`pkgcache.via`).
         :param peer_path: the path a client asked this node for: the peers
             are asked for it first, for a whole file (not a revalidation,
-            a resume or a HEAD).
+            a resume or a HEAD), with this node's entry of ``via`` only.
         :raises AllSourcesFailed: if none did.
         """
         if peer_path is not None and method == b"GET" and not offset and revalidating is None:
-            from_peer = await self._from_peers(key, peer_path, via)
+            from_peer = await self._from_peers(key, peer_path, last_entry(via))
             if from_peer is not None:
                 return from_peer
         attempts: list[Attempt] = []
@@ -391,14 +427,20 @@ class UpstreamClient:
                     peer, key, b"GET", 0, None, via=via, url=peer.url_of_path(path)
                 )
             except _SourceFailed as failed:
-                missing = failed.kind is FailureKind.NOT_FOUND
-                self.metrics.peer_answered(str(peer), "miss" if missing else "error")
-                if missing:
+                if failed.kind is FailureKind.NOT_FOUND:
+                    self.metrics.peer_answered(str(peer), "miss")
                     self.health.record_success(peer)  # it answered: it is up
+                    log.debug("peer {peer} has no {path}", peer=str(peer), path=str(key))
+                    continue
+                self.metrics.peer_answered(str(peer), "error")
                 detail = failed.detail
                 if failed.kind is FailureKind.LOOP:
                     detail += ": it is this node, or a node with this one's --node-name"
-                self._record_failure(Attempt(peer, failed.kind, detail), key)
+                log.warn(
+                    "peer {peer} failed for {path}: {kind} ({detail}); not asking it for {backoff:g}s",
+                    peer=str(peer), path=str(key), kind=failed.kind.value, detail=detail,
+                    backoff=self.health.record_failure(peer),
+                )
                 continue
             self.metrics.peer_answered(str(peer), "hit")
             return response
@@ -428,21 +470,17 @@ class UpstreamClient:
         return ordered
 
     def _record_failure(self, attempt: Attempt, key: CacheKey) -> None:
-        peer = isinstance(attempt.source, Peer)
         fields = dict(
-            role="peer" if peer else "source", source=str(attempt.source), path=str(key),
-            kind=attempt.kind.value, detail=attempt.detail,
+            role="peer" if isinstance(attempt.source, Peer) else "source",
+            source=str(attempt.source), path=str(key), kind=attempt.kind.value,
+            detail=attempt.detail,
         )
         if attempt.kind.marks_source_down:
             log.warn(
-                "{role} {source} failed for {path}: {kind} ({detail}); {backoff}",
-                backoff=("not asking it for {:g}s" if peer else "asking it last for {:g}s").format(
-                    self.health.record_failure(attempt.source)
-                ),
-                **fields,
+                "{role} {source} failed for {path}: {kind} ({detail}); "
+                "asking it last for {backoff:g}s",
+                backoff=self.health.record_failure(attempt.source), **fields,
             )
-        elif peer:
-            log.debug("peer {source} has no {path}: {detail}", **fields)
         else:
             log.info("{role} {source} failed for {path}: {kind} ({detail})", **fields)
 
@@ -468,6 +506,7 @@ class UpstreamClient:
             headers[b"Via"] = [via]
         if peer:
             headers[b"Cache-Control"] = [b"only-if-cached"]
+        client = self._peer_http if peer else self._http
         if key.representation:
             headers[b"Accept"] = [self._accept[key.representation]]
         if offset:
@@ -476,7 +515,7 @@ class UpstreamClient:
             headers[b"If-None-Match"] = [validators.etag]
         if validators is not None and validators.last_modified is not None:
             headers[b"If-Modified-Since"] = [validators.last_modified]
-        requesting = self._http.request(
+        requesting = client.request(
             method.decode("ascii"), url or source.url_for(key), headers=headers,
             unbuffered=True, allow_redirects=False,
         )
@@ -508,9 +547,11 @@ class UpstreamClient:
             return upstream
         if peer and response.code in NOT_IN_PEER:
             # The common answer of a peer: its connection is worth keeping.
-            discard_body(response)
+            response.deliverBody(_DropShortBody(self.clock, self.peer_timeout, response.length))
             raise _SourceFailed(FailureKind.NOT_FOUND, f"not in its cache (HTTP {response.code})")
         problem = _check_response(upstream, offset, total_length, self.max_body_size)
+        if problem is None and peer:
+            problem = _check_peer_hit(upstream)
         if problem is not None:
             if method != b"HEAD":
                 response.deliverBody(DiscardBody())
@@ -549,6 +590,22 @@ def _classify_request_error(exc: BaseException) -> _SourceFailed:
     return _SourceFailed(FailureKind.CONNECTION, detail)
 
 
+def _check_peer_hit(response: UpstreamResponse) -> Optional[_SourceFailed]:
+    """
+    Why a peer's usable-looking answer is not to be taken, if it is not:
+    it must be a pkgcache's hit, of a length it says.
+    """
+    cache_status = response.header_line(b"cache-status")
+    if not is_hit(cache_status):
+        return _SourceFailed(
+            FailureKind.UNUSABLE,
+            f"not a hit of a pkgcache (Cache-Status {cache_status!r})",
+        )
+    if response.body_length is None:
+        return _SourceFailed(FailureKind.UNUSABLE, "no Content-Length")
+    return None
+
+
 def _check_response(
     response: UpstreamResponse,
     offset: int,
@@ -561,7 +618,8 @@ def _check_response(
     code = response.code
     if code in (http.NOT_FOUND, http.GONE):
         return _SourceFailed(FailureKind.NOT_FOUND, f"HTTP {code}")
-    if code == LOOP_DETECTED:
+    if code == LOOP_DETECTED and says_loop(response.header_line(b"cache-status")):
+        # (A 508 without the mark is some server's own: "resource limit".)
         return _SourceFailed(FailureKind.LOOP, f"HTTP {code}")
     if code >= 500:
         return _SourceFailed(FailureKind.SERVER_ERROR, f"HTTP {code}")

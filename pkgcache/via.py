@@ -19,7 +19,8 @@ from typing import Optional
 LOOP_DETECTED = 508
 
 #: A node name is an RFC 9110 token (``received-by`` as a pseudonym).
-_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
+_TOKEN_CHARS = r"A-Za-z0-9!#$%&'*+.^_`|~-"
+_TOKEN = re.compile(rf"[{_TOKEN_CHARS}]+\Z")
 
 
 def is_node_name(text: str) -> bool:
@@ -28,7 +29,7 @@ def is_node_name(text: str) -> bool:
 
 def default_node_name() -> str:
     """This host's name, made a token (a name with odd characters loses them)."""
-    name = re.sub(r"[^A-Za-z0-9!#$%&'*+.^_`|~-]", "", socket.gethostname())
+    name = re.sub(rf"[^{_TOKEN_CHARS}]", "", socket.gethostname())
     return name or "pkgcache"
 
 
@@ -47,6 +48,11 @@ def names(via: Optional[bytes]) -> list[bytes]:
 def passed(via: Optional[bytes], node: bytes) -> bool:
     """``via`` says the message already went through ``node``."""
     return node in names(via)
+
+
+def last_entry(via: Optional[bytes]) -> Optional[bytes]:
+    """The last entry of a ``Via`` (the one :func:`extended` added)."""
+    return via.rsplit(b",", 1)[-1].strip() if via else via
 
 
 def extended(via: Optional[bytes], node: bytes) -> bytes:

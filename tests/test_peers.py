@@ -93,7 +93,8 @@ async def test_nodes_given_the_same_peer_list_including_themselves(origin, twist
     peers = [arg for port in ports for arg in ("--peer", f"http://127.0.0.1:{port}/")]
     nodes = [
         twist("--source", origin.url, "--cache-dir", str(tmp_path / f"cache-{index}"),
-              "--node-name", f"node-{index}", *peers, port=port)
+              "--node-name", f"node-{index}", "--access-log", str(tmp_path / f"access-{index}"),
+              *peers, port=port)
         for index, port in enumerate(ports, start=1)
     ]
     for node in nodes:
@@ -106,6 +107,17 @@ async def test_nodes_given_the_same_peer_list_including_themselves(origin, twist
     assert (response.code, sha256(body)) == (200, sha256(data))
     assert origin.count(PATH) == 1
     assert response.headers.getRawHeaders(b"cache-status")[0].startswith(b"node-1; hit, node-2; ")
+
+    # node-1 asked itself first and refused itself (508), then node-2
+    # (504: not there), then the origin; node-2 asked node-1 (200).
+    def statuses(index: int) -> list[str]:
+        log = tmp_path / f"access-{index}"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [line.split('" ')[1].split()[0] for line in lines if f"GET {PATH} " in line]
+
+    await wait_for(lambda: len(statuses(1)) == 3 and len(statuses(2)) == 2)
+    assert sorted(statuses(1)) == ["200", "200", "508"]  # its client, node-2's probe, itself
+    assert sorted(statuses(2)) == ["200", "504"]  # its client, node-1's probe
     assert response.headers.getRawHeaders(b"via") == [b"1.1 node-1, 1.1 node-2"]
 
 

@@ -55,10 +55,14 @@ async def test_offices_behind_a_datacenter_node_make_one_origin_download(
 @pytest_twisted.ensureDeferred
 async def test_a_request_that_passed_this_node_is_508(origin, make_proxy, http):
     node = make_proxy([Source(origin.url)], node_name="dc")
-    for via in (b"1.1 dc", b"1.1 office, 1.1 dc", b"HTTP/1.1 office (pkgcache), 1.1 dc (pkgcache)"):
-        response, body = await fetch(http, node.url + PATH, headers={b"via": [via]})
+    for via in ([b"1.1 dc"], [b"1.1 office, 1.1 dc"],
+                [b"HTTP/1.1 office (pkgcache), 1.1 dc (pkgcache)"],
+                [b"1.1 dc", b"1.1 office"]):  # (on two lines: either may name it)
+        response, body = await fetch(http, node.url + PATH, headers={b"via": via})
         assert response.code == 508 and response.phrase == b"Loop Detected", via
         assert b"already passed through dc" in body
+        # Marked, so that the node that asked passes it on as a loop.
+        assert response.headers.getRawHeaders(b"cache-status") == [b"dc; detail=loop"]
     response, _ = await fetch(http, node.url + PATH, headers={b"via": [b"1.1 dc-2, 1.1 adc"]})
     assert response.code == 404, "another node's name is not this one's"
     assert origin.count(PATH) == 1

@@ -17,6 +17,8 @@ PEER = "http://node-2.example:4000/"
 SECOND_PEER = "http://node-3.example:4000/"
 NODE = "node-1"
 DATA = bytes(range(256)) * 400  # 102,400 bytes
+#: What a pkgcache peer says of the file it sends: a hit of its own.
+PEER_HIT = {"cache-status": "node-2; hit"}
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def test_a_miss_is_asked_of_the_peer_first_and_served_from_it(node, network):
     asked = network.pending(url(PEER))
     assert asked.header("cache-control") == "only-if-cached"
     assert asked.header("via") == f"1.1 {NODE}"
-    asked.serve(DATA, headers={"cache-status": "node-2; hit"})
+    asked.serve(DATA, headers=PEER_HIT)
     assert (client.code, client.body, client.complete) == (200, DATA, True)
     # Which tier answered: the peer's entry, then ours.
     assert client.header("cache-status").startswith("node-2; hit, ")
@@ -54,17 +56,25 @@ def test_a_peer_without_the_file_is_passed_over_and_asked_again(node, network, s
     assert node.upstream.metrics.peer_requests.labels(PEER, "miss")._value.get() == 1
 
 
-@pytest.mark.parametrize("failure", ["refused", "500", "508"])
+@pytest.mark.parametrize("failure", ["refused", "500", "loop", "403", "redirect", "not a hit"])
 def test_a_failing_peer_sits_out_its_backoff(node, network, failure):
     """
-    Refused, a 5xx, or a 508 (the peer is this node, or the request passed
-    it already): the sources are asked, and the peer not again until its
+    Refused, a 5xx, a pkgcache's 508 (the peer is this node), a 4xx, a
+    redirect (never followed), or a 200 that is not a pkgcache's hit (a
+    --peer pointing at some other web server): the sources are asked, the
+    answer is not stored, and the peer is not asked again until its
     back-off is over.
     """
     client = node.get()
     asked = network.pending(url(PEER))
     if failure == "refused":
         asked.refuse()
+    elif failure == "loop":
+        asked.serve(b"", code=508, headers={"cache-status": "node-1; detail=loop"})
+    elif failure == "redirect":
+        asked.redirect(url(A, "/distfiles/other-1.0.tar.gz"))
+    elif failure == "not a hit":
+        asked.serve(b"<html>welcome</html>")
     else:
         asked.serve(b"", code=int(failure))
     network.pending(url(A)).serve(DATA)
@@ -93,14 +103,14 @@ def test_peers_are_asked_in_order_until_one_has_the_file(make_cache, network):
     node = make_cache(peers=(PEER, SECOND_PEER), node_name=NODE)
     client = node.get()
     network.pending(url(PEER)).serve(b"", code=504)
-    network.pending(url(SECOND_PEER)).serve(DATA)
+    network.pending(url(SECOND_PEER)).serve(DATA, headers=PEER_HIT)
     assert (client.body, client.complete) == (DATA, True)
     assert network.urls == [url(PEER), url(SECOND_PEER)]
 
 
 def test_a_peer_body_that_breaks_off_is_resumed_from_a_source(node, network):
     client = node.get()
-    body = network.pending(url(PEER)).respond(length=len(DATA))
+    body = network.pending(url(PEER)).respond(length=len(DATA), headers=PEER_HIT)
     body.send(DATA[:40_000])
     body.cut()
     resumed = network.pending(url(A))
@@ -141,7 +151,7 @@ def test_the_path_is_asked_as_the_client_sent_it(node, network):
     path = "/distfiles/foo%2B1.0 (x).tar.gz"
     client = node.get(path.replace(" ", "%20"))
     assert network.waiting[0].url == PEER.rstrip("/") + "/distfiles/foo%2B1.0%20(x).tar.gz"
-    network.waiting[0].serve(DATA)
+    network.waiting[0].serve(DATA, headers=PEER_HIT)
     assert client.body == DATA
 
 
@@ -173,3 +183,40 @@ def test_a_peer_that_answers_again_is_out_of_backoff(node, network):
     assert node.health.is_down(peer)
     node.advance(0.1)
     assert not node.health.is_down(peer)
+
+
+def test_a_peers_hit_without_a_length_is_not_taken(node, network):
+    """A body whose end cannot be checked is fetched from a source."""
+    client = node.get()
+    body = network.pending(url(PEER)).respond(headers=PEER_HIT, chunked=True)
+    assert body.stopped
+    network.pending(url(A)).serve(DATA)
+    assert (client.body, node.cached()) == (DATA, DATA)
+
+
+def test_a_peer_is_sent_this_nodes_via_alone(node, network):
+    """
+    A client's Via naming a peer (forged, or from a tier above) must not
+    make the peer refuse as a loop and be skipped for every client.
+    """
+    client = node.get(headers={"via": "1.1 node-2"})
+    asked = network.pending(url(PEER))
+    assert asked.header("via") == f"1.1 {NODE}"
+    asked.serve(DATA, headers=PEER_HIT)
+    assert client.body == DATA
+    # Its sources still get the whole chain.
+    node.get("/distfiles/bar-2.0.tar.gz", headers={"via": "1.1 node-2"})
+    network.pending(url(PEER, "/distfiles/bar-2.0.tar.gz")).serve(b"", code=504)
+    assert network.pending(url(A, "/distfiles/bar-2.0.tar.gz")).header("via") == (
+        f"1.1 node-2, 1.1 {NODE}"
+    )
+
+
+def test_a_peers_short_answer_that_never_ends_is_closed(node, network):
+    """A 504 announced with a length that never comes holds no connection."""
+    client = node.get()
+    answer = network.pending(url(PEER)).respond(504, length=40)
+    network.pending(url(A)).serve(DATA)
+    assert client.body == DATA and not answer.stopped
+    node.advance(2.0)
+    assert answer.stopped
