@@ -63,8 +63,12 @@ RECORD_XATTR = "user.pkgcache.spool"
 #: kept: an inode's room for extended attributes is small.  The spool is
 #: then marked unshared, and followers fetch the file themselves.
 MAX_RECORD_BYTES = 2048
-#: The response headers a follower's clients are sent, from the record.
-RECORDED_HEADERS = ("content-type", "etag", "last-modified")
+#: The response headers a follower's clients are sent, from the record
+#: (Via and Cache-Status: the entries of an upper tier or a peer).
+RECORDED_HEADERS = ("content-type", "etag", "last-modified", "via", "cache-status")
+#: A recorded header longer than this is left out (it would crowd the
+#: record out of its attribute, and the download would not be shared).
+MAX_RECORDED_HEADER = 256
 
 #: What ``getxattr`` and ``setxattr`` say where user attributes are not kept
 #: (as :mod:`pkgcache.metadata` takes them).
@@ -104,8 +108,8 @@ class FollowedHeaders:
         """Those of an :class:`~pkgcache.upstream.UpstreamResponse`."""
         fields = {}
         for name in RECORDED_HEADERS:
-            value = response.header(name.encode("ascii"))
-            if value is not None:
+            value = response.header_line(name.encode("ascii"))
+            if value is not None and len(value) <= MAX_RECORDED_HEADER:
                 fields[name] = value.decode("latin-1")
         return cls(response.code, str(response.source), fields, length, last_modified, checked)
 

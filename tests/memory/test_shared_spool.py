@@ -454,3 +454,21 @@ def test_a_client_answered_as_it_wakes_a_sleeping_follower(make_cache, network):
     slow.connection.read_again()
     first.advance(FOLLOW_POLL_INTERVAL)
     assert (slow.body, slow.complete) == (DATA, True)
+
+
+def test_a_follower_passes_on_the_upper_tiers_entries(pair, network):
+    """Via and Cache-Status of the source (a tier above), as the
+    downloading process got them: answers do not differ by worker."""
+    downloading = pair.first.get()
+    body = network.pending(url(A)).respond(
+        length=len(DATA), headers={"via": "1.1 dc", "cache-status": "dc; hit"}
+    )
+    body.send(DATA[:1000])
+    following = pair.second.get()
+    pair.poll()
+    for client in (downloading, following):
+        assert client.header("via") == "1.1 dc, 1.1 pkgcache"
+        assert client.header("cache-status").startswith("dc; hit, pkgcache; fwd=miss")
+    body.send(DATA[1000:])
+    pair.poll()
+    assert following.body == DATA
