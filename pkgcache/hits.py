@@ -40,7 +40,9 @@ class _FileBytes(_CompleteBytes):
     """A cached file as a byte source, closed once read."""
 
     def __init__(self, cached: CachedFile) -> None:
-        super().__init__(cached.size, cached.read)
+        # (Not through super().__init__: one is made for every hit.)
+        self.received = cached.size
+        self.read = cached.read
         self._cached = cached
 
     def detach(self, follower: IFollower) -> None:
