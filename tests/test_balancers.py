@@ -470,6 +470,20 @@ async def clients_get_everything(url: str, files: dict[str, bytes], clients: int
             result.raiseException()
 
 
+async def behind_a_balancer(processes: Processes, http, nodes: list[Node], balancer_class,
+                            **options):
+    """Start ``nodes``, then ``balancer_class`` in front of them; it, once
+    everything answers."""
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        await node.ready(http)
+    balancer = balancer_class(processes, nodes, **options)
+    balancer.start()
+    await balancer.ready(http)
+    return balancer
+
+
 # -- the test -------------------------------------------------------------------
 
 
@@ -480,13 +494,7 @@ async def test_nodes_behind_the_shipped_recipe(balancer_class, origin, processes
     for path, data in files.items():
         origin.add(path, data)
     nodes = [Node(processes, f"node-{index}", origin.url) for index in (1, 2, 3)]
-    for node in nodes:
-        node.start()
-    for node in nodes:
-        await node.ready(http)
-    balancer = balancer_class(processes, nodes)
-    balancer.start()
-    await balancer.ready(http)
+    balancer = await behind_a_balancer(processes, http, nodes, balancer_class)
 
     # -- a download streams through the balancer: the client has its first
     # bytes while the origin still holds back the rest.
@@ -629,13 +637,7 @@ async def three_nodes_with_their_files(processes, origin, http, balancer_class, 
     for path, data in files.items():
         origin.add(path, data)
     nodes = [Node(processes, f"node-{index}", origin.url) for index in (1, 2, 3)]
-    for node in nodes:
-        node.start()
-    for node in nodes:
-        await node.ready(http)
-    balancer = balancer_class(processes, nodes, **options)
-    balancer.start()
-    await balancer.ready(http)
+    balancer = await behind_a_balancer(processes, http, nodes, balancer_class, **options)
     await clients_get_everything(balancer.url, files, SICK_CLIENTS, seed=11)
     assert {path: origin.count(path) for path in files} == {path: 1 for path in files}
     await wait_until(lambda: all(any(node.holds(path) for node in nodes) for path in files),

@@ -23,6 +23,7 @@ from tests.test_balancers import (  # noqa: F401 - processes is a fixture
     BALANCERS,
     SIZE,
     Node,
+    behind_a_balancer,
     clients_get_everything,
     processes,
     wait_until,
@@ -151,13 +152,7 @@ async def test_keys_the_balancer_moves_are_copied_between_peers(
         with_peers(node, nodes[:3])
     with_peers(nodes[3], nodes[:3])
     cluster = nodes[:3]
-    for node in cluster:
-        node.start()
-    for node in cluster:
-        await node.ready(http)
-    balancer = balancer_class(processes, cluster)
-    balancer.start()
-    await balancer.ready(http)
+    balancer = await behind_a_balancer(processes, http, cluster, balancer_class)
 
     def downloads() -> dict[str, int]:
         return {path: origin.count(path) for path in files}
