@@ -201,6 +201,10 @@ def _plan_body(request: Request, entity: Entity) -> list[_Piece]:
     return pieces + [multipart.closing()]
 
 
+#: The headers an answer keeps when its file fails before a byte is sent.
+_KEPT_ON_FAILURE = (b"cache-status", b"via")
+
+
 @implementer(IPushProducer, IFollower)
 class BodyProducer:
     """
@@ -391,10 +395,12 @@ class BodyProducer:
         if request.producer is not None:
             request.unregisterProducer()
         if not request.startedWriting:
-            cache_status = request.responseHeaders.getRawHeaders(b"cache-status")
-            request.responseHeaders = Headers()
-            if cache_status:
-                request.responseHeaders.setRawHeaders(b"cache-status", cache_status)
+            # The file's headers go; what says which caches answered stays.
+            planned, request.responseHeaders = request.responseHeaders, Headers()
+            for name in _KEPT_ON_FAILURE:
+                values = planned.getRawHeaders(name)
+                if values:
+                    request.responseHeaders.setRawHeaders(name, values)
             status, message = failure_response(reason)
             send_error(request, status, message)
         elif request.responseHeaders.hasHeader(b"content-length") or request.chunked:

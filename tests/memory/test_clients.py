@@ -92,6 +92,9 @@ def test_a_range_beyond_where_the_download_broke_gets_502(cache, network):
     assert "no source could resume" in ranged.text
     assert ranged.header("content-range") is None
     assert ranged.header("content-type") == "text/plain; charset=utf-8"
+    # What says which caches answered stays.
+    assert ranged.header("via") == "1.1 pkgcache"
+    assert ranged.header("cache-status").startswith("pkgcache; fwd=miss")
 
 
 def test_a_client_waiting_for_headers_gets_the_failure_status(cache, network):
