@@ -108,9 +108,7 @@ class FailureKind(enum.Enum):
 
     @property
     def marks_source_down(self) -> bool:
-        return self in (
-            FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR,
-        )
+        return self in (FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.SERVER_ERROR)
 
 
 @dataclass(frozen=True)

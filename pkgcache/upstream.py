@@ -48,6 +48,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from pkgcache import __version__
+from pkgcache.cache_status import is_hit, says_loop
 from pkgcache.metadata import EntryMetadata
 from pkgcache.metrics import Metrics
 from pkgcache.paths import CacheKey
@@ -56,7 +57,6 @@ from pkgcache.sources import (
     AllSourcesFailed, Attempt, FailureKind, Peer, Source, SourceAnswer, SourceHealth,
 )
 from pkgcache.timers import IdleTimer
-from pkgcache.cache_status import is_hit, says_loop
 from pkgcache.via import LOOP_DETECTED, last_entry
 
 USER_AGENT = f"pkgcache/{__version__}".encode("ascii")
@@ -311,8 +311,9 @@ class UpstreamClient:
     :param accept_by_representation: the ``Accept`` to send for a key of
         each representation (see :class:`~pkgcache.paths.CacheKey`).
     :param peers: sibling nodes, asked first (see the module).
-    :param peer_timeout: seconds a peer may take to answer (connection
-        included) before the sources are asked instead.
+    :param peer_timeout: seconds a peer may take to connect and send its
+        headers (and the rest of a short "not here") before the sources
+        are asked instead.
     """
 
     def __init__(
