@@ -133,6 +133,9 @@ class Download:
     follows the process that holds it if another does (:attr:`following`).
     """
 
+    #: (Its followers read it: a spool is not sent with ``sendfile``.)
+    fd = None
+
     def __init__(
         self,
         key: CacheKey,

@@ -21,6 +21,7 @@ class _CompleteBytes:
 
     complete = True
     failure = None
+    fd = None
 
     def __init__(self, size: int, read) -> None:
         self.received = size
@@ -43,6 +44,7 @@ class _FileBytes(_CompleteBytes):
         # (Not through super().__init__: one is made for every hit.)
         self.received = cached.size
         self.read = cached.read
+        self.fd = cached.fd
         self._cached = cached
 
     def detach(self, follower: IFollower) -> None:

@@ -28,6 +28,9 @@ class IByteSource(Interface):
     received = Attribute("How many bytes, from the start, can be read now.")
     complete = Attribute("Whether ``received`` is the whole file.")
     failure = Attribute("Why no more bytes will come before the end, if so.")
+    fd = Attribute(
+        "A descriptor of the whole file that ``sendfile`` may send from, or ``None``."
+    )
 
     def read(offset: int, length: int) -> bytes:
         """Up to ``length`` of the bytes received, from ``offset``."""

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from pkgcache.interfaces import IByteSource, IFollower
 from pkgcache.ranges import UNSATISFIABLE, Multipart, requested_ranges
+from pkgcache.sendfile import IFileSender, ISendsFiles
 from pkgcache.sources import AllSourcesFailed
 from pkgcache.timers import IdleTimer
 from pkgcache.upstream import BodyFailed
@@ -205,11 +206,13 @@ def _plan_body(request: Request, entity: Entity) -> list[_Piece]:
 _KEPT_ON_FAILURE = (b"cache-status", b"via")
 
 
-@implementer(IPushProducer, IFollower)
+@implementer(IPushProducer, IFollower, IFileSender)
 class BodyProducer:
     """
     Streams the pieces of a body from a byte source to one client, as the
-    bytes become available and as fast as the client takes them.
+    bytes become available and as fast as the client takes them.  A
+    complete file (a hit) bigger than one read goes by ``sendfile`` where
+    the transport can (:mod:`pkgcache.sendfile`).
 
     The client's transport pauses and resumes it; a download it follows
     tells it when there is more (:meth:`data_available`).  So a slow client
@@ -247,6 +250,9 @@ class BodyProducer:
         self._stall_timeout = stall_timeout
         # Made when first needed: most bodies are sent without a pause.
         self._stall_timer: Optional[IdleTimer] = None
+        # The piece the transport is sending from the file, if it is.
+        self._sending_file: Optional[_Span] = None
+        self._may_send_file = True
 
     @property
     def _stalled(self) -> IdleTimer:
@@ -300,8 +306,26 @@ class BodyProducer:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._stop_stall_timer()
-        self._pump()
+        if self._sending_file is None:
+            self._stop_stall_timer()
+            self._pump()
+
+    # IFileSender, told by the transport
+
+    def file_progressed(self, count: int) -> None:
+        self._sending_file.start += count
+        self._request.sentLength += count
+        self._stalled.touch()
+
+    def file_sent(self) -> None:
+        self._sending_file = None
+        if not self._paused:
+            self._stop_stall_timer()
+            self._pump()
+
+    def file_unsendable(self) -> None:
+        self._may_send_file = False
+        self.file_sent()
 
     def stopProducing(self) -> None:
         self._client_gone()
@@ -340,7 +364,7 @@ class BodyProducer:
         return True
 
     def _pump(self) -> None:
-        if self._pumping or self._done:
+        if self._pumping or self._done or self._sending_file is not None:
             return
         self._pumping = True
         try:
@@ -370,6 +394,15 @@ class BodyProducer:
         if end is not None and piece.start >= end:
             self._pieces.pop(0)
             return True
+        if source.complete and source.fd is not None and self._may_send_file:
+            transport = self._request.transport
+            if ISendsFiles.providedBy(transport) and not self._request.chunked:
+                self._request.write(b"")  # (the headers, if not sent yet)
+                self._sending_file = piece
+                self._stalled.touch()
+                transport.send_file(source.fd, piece.start, end - piece.start, self)
+                return False
+            self._may_send_file = False
         wanted = READ_SIZE if end is None else min(READ_SIZE, end - piece.start)
         available = min(wanted, source.received - piece.start)
         if available > 0:

@@ -20,6 +20,7 @@ from pkgcache.accesslog import AccessLog
 from pkgcache.cache_limit import CacheLimit
 from pkgcache.health import HealthResource, HealthRoot
 from pkgcache.resource import PackageCacheResource
+from pkgcache.sendfile import FileSendingEndpoint
 
 
 def cannot_listen(error: CannotListenError) -> SystemExit:
@@ -153,7 +154,9 @@ class PackageCacheService(MultiService):
     def _listen(self, description: str, site: Site, reactor) -> None:
         # strports.service, unlike a bare StreamServerEndpointService,
         # makes a failed bind stop start-up with an error.
-        strports.service(description, site, reactor=reactor).setServiceParent(self)
+        service = strports.service(description, site, reactor=reactor)
+        service.endpoint = FileSendingEndpoint(service.endpoint)
+        service.setServiceParent(self)
 
     def startService(self) -> None:
         try:

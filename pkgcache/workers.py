@@ -63,6 +63,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pkgcache.accesslog import AccessLog
 from pkgcache.cache_limit import CacheLimit
 from pkgcache.metrics import Metrics
+from pkgcache.sendfile import send_files_on
 from pkgcache.service import (
     CacheService, QuietSite, cannot_listen, cannot_use_cache, serving_site,
 )
@@ -745,7 +746,7 @@ class WorkerService(MultiService):
         for number, listener in enumerate(self.spec.listeners, _FIRST_LISTENER):
             inherited = _InheritedSocket(self.reactor, number, listener.family)
             if listener.from_systemd:
-                self.ports.append(inherited.adopt(self.site))
+                port = inherited.adopt(self.site)
             else:
                 # The endpoint, parsed again here (an ssl: one loads its
                 # certificate), listens through the inherited socket.
@@ -755,7 +756,7 @@ class WorkerService(MultiService):
                 [port] = listening
                 if isinstance(port, Failure):
                     port.raiseException()
-                self.ports.append(port)
+            self.ports.append(send_files_on(port))
         from twisted.internet.stdio import StandardIO
 
         StandardIO(self.channel, stdin=_CONTROL_IN, stdout=_CONTROL_OUT, reactor=self.reactor)

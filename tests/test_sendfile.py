@@ -1,0 +1,205 @@
+"""
+Big hits sent by ``sendfile`` (:mod:`pkgcache.sendfile`) on real sockets:
+the whole file, ranges and byte-range sets, keep-alive, a client leaving
+mid-file, and the read-and-write path where the transport or the file
+system cannot.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.web.server import Site
+
+from pkgcache import sendfile, store
+from pkgcache.resource import PackageCacheResource
+from pkgcache.responses import READ_SIZE
+from pkgcache.service import PackageCacheService
+from pkgcache.sources import Source
+from tests.clients import RawConnection, SmallBufferClient, multipart_parts
+from tests.conftest import fetch, raw_request, wait_for
+
+PATH = "/pool/big.deb"
+BIG = os.urandom(4 * READ_SIZE + 12345)
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list:
+    """Every read of a cached file, as ``(offset, length)``."""
+    done: list = []
+    read = store.CachedFile.read
+
+    def record(self, offset, length):
+        done.append((offset, length))
+        return read(self, offset, length)
+
+    monkeypatch.setattr(store.CachedFile, "read", record)
+    return done
+
+
+async def cached_proxy(origin, make_proxy, http, data: bytes = BIG):
+    """A proxy with ``data`` cached at :data:`PATH`."""
+    origin.add(PATH, data)
+    proxy = make_proxy([origin.url])
+    assert (await fetch(http, proxy.url + PATH))[1] == data
+    await proxy.published(PATH)
+    return proxy
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_hit_is_sent_by_the_kernel_not_read(origin, make_proxy, http, reads):
+    proxy = await cached_proxy(origin, make_proxy, http)
+    response, body = await fetch(http, proxy.url + PATH)
+    assert (response.code, body) == (200, BIG)
+    assert response.length == len(BIG)
+    assert reads == []
+    assert origin.count(PATH) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_range_of_a_big_hit_is_sent_by_the_kernel(origin, make_proxy, http, reads):
+    proxy = await cached_proxy(origin, make_proxy, http)
+    start, end = 1000, 3 * READ_SIZE + 7
+    response, body = await fetch(
+        http, proxy.url + PATH, headers={b"range": [f"bytes={start}-{end}".encode()]}
+    )
+    assert (response.code, body) == (206, BIG[start : end + 1])
+    assert response.headers.getRawHeaders(b"content-range") == [
+        f"bytes {start}-{end}/{len(BIG)}".encode()
+    ]
+    assert reads == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_byte_range_set_keeps_its_parts_in_order(origin, make_proxy, http, reads):
+    """The part headers go through the transport's buffer, the parts by
+    sendfile: each part waits for what was written before it."""
+    proxy = await cached_proxy(origin, make_proxy, http)
+    ranges = [(0, READ_SIZE), (2 * READ_SIZE, len(BIG) - 1)]
+    spec = ",".join(f"{start}-{end}" for start, end in ranges)
+    response, body = await fetch(
+        http, proxy.url + PATH, headers={b"range": [f"bytes={spec}".encode()]}
+    )
+    assert response.code == 206
+    [content_type] = response.headers.getRawHeaders(b"content-type")
+    assert multipart_parts(content_type, body) == [
+        (f"bytes {start}-{end}/{len(BIG)}".encode(), BIG[start : end + 1])
+        for start, end in ranges
+    ]
+    assert reads == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_hits_one_after_another_on_one_connection(origin, make_proxy, http, reads):
+    """A sent file ends its response, and the next request on the
+    connection is answered after it (also a small one, in one write)."""
+    origin.add("/pool/small.deb", b"small")
+    proxy = await cached_proxy(origin, make_proxy, http)
+    await fetch(http, proxy.url + "/pool/small.deb")
+    await proxy.published("pool/small.deb")
+    asked = (
+        f"GET {PATH} HTTP/1.1\r\nHost: x\r\n\r\n"
+        "GET /pool/small.deb HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"GET {PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = await raw_request(proxy.url, asked)
+    bodies = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        bodies.append(rest[:length])
+        answer = rest[length:]
+    assert bodies == [BIG, b"small", BIG]
+    assert reads == [(0, len(b"small"))]  # (the small file, in one read)
+
+
+def open_descriptors_of(path: str) -> list[str]:
+    """This process's descriptors open on ``path``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == path:
+                found.append(fd)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_file_closes_the_file(origin, make_proxy, http):
+    # Bigger than the socket buffers on both sides can hold.
+    huge = os.urandom(32 * 1024 * 1024)
+    proxy = await cached_proxy(origin, make_proxy, http, huge)
+    cached = proxy.cached(PATH).path
+    leaving = SmallBufferClient(proxy.url + PATH, receive_buffer=16 * 1024)
+    try:
+        await wait_for(lambda: leaving.read(1024) > 0)
+        assert open_descriptors_of(cached), "the hit's file is not open"
+    finally:
+        leaving.close()
+    await wait_for(lambda: not open_descriptors_of(cached))
+    # And the next client gets the whole file.
+    assert (await fetch(http, proxy.url + PATH))[1] == huge
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_system_without_sendfile_gets_reads_and_writes(
+    origin, make_proxy, http, reads, monkeypatch
+):
+    proxy = await cached_proxy(origin, make_proxy, http)
+
+    def unsupported(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(sendfile.os, "sendfile", unsupported)
+    response, body = await fetch(http, proxy.url + PATH)
+    assert (response.code, body) == (200, BIG)
+    assert sum(length for _, length in reads) >= len(BIG)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_of_an_embedders_own_gets_reads_and_writes(origin, http, tmp_path, reads):
+    """A Resource served by a port pkgcache did not make (as under TLS,
+    whose connections this cannot bypass) still answers big hits."""
+    origin.add(PATH, BIG)
+    resource = PackageCacheResource([Source(origin.url)], str(tmp_path / "cache"))
+    service = PackageCacheService(resource, [], reactor)
+    service.startService()
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}{PATH}"
+        assert (await fetch(http, url))[1] == BIG
+        await wait_for(lambda: os.path.exists(tmp_path / "cache" / PATH.lstrip("/")))
+        reads.clear()
+        assert (await fetch(http, url))[1] == BIG
+        assert sum(length for _, length in reads) == len(BIG)
+    finally:
+        await port.stopListening()
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_services_unix_socket_sends_files(origin, tmp_path, reads):
+    origin.add(PATH, BIG)
+    resource = PackageCacheResource([Source(origin.url)], str(tmp_path / "cache"))
+    socket_path = str(tmp_path / "pkgcache.sock")
+    service = PackageCacheService(resource, [f"unix:{socket_path}"], reactor)
+    service.startService()
+    try:
+        request = f"GET {PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        for _ in range(2):
+            connection = await connectProtocol(
+                UNIXClientEndpoint(reactor, socket_path, timeout=10), RawConnection(request)
+            )
+            answer = await connection.closed
+            assert answer.split(b"\r\n\r\n", 1)[1] == BIG
+            await wait_for(lambda: os.path.exists(tmp_path / "cache" / PATH.lstrip("/")))
+        assert reads == []
+    finally:
+        await service.stopService()
