@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from pkgcache.interfaces import IByteSource, IFollower
 from pkgcache.ranges import UNSATISFIABLE, Multipart, requested_ranges
-from pkgcache.sendfile import IFileSender, ISendsFiles
+from pkgcache.transports import IFileSender, ISendsFiles
 from pkgcache.sources import AllSourcesFailed
 from pkgcache.timers import IdleTimer
 from pkgcache.upstream import BodyFailed
@@ -212,7 +212,7 @@ class BodyProducer:
     Streams the pieces of a body from a byte source to one client, as the
     bytes become available and as fast as the client takes them.  A
     complete file (a hit) bigger than one read goes by ``sendfile`` where
-    the transport can (:mod:`pkgcache.sendfile`).
+    the transport can (:mod:`pkgcache.transports`).
 
     The client's transport pauses and resumes it; a download it follows
     tells it when there is more (:meth:`data_available`).  So a slow client

@@ -20,7 +20,7 @@ from pkgcache.accesslog import AccessLog
 from pkgcache.cache_limit import CacheLimit
 from pkgcache.health import HealthResource, HealthRoot
 from pkgcache.resource import PackageCacheResource
-from pkgcache.sendfile import FileSendingEndpoint
+from pkgcache.transports import ServingEndpoint
 
 
 def cannot_listen(error: CannotListenError) -> SystemExit:
@@ -155,7 +155,7 @@ class PackageCacheService(MultiService):
         # strports.service, unlike a bare StreamServerEndpointService,
         # makes a failed bind stop start-up with an error.
         service = strports.service(description, site, reactor=reactor)
-        service.endpoint = FileSendingEndpoint(service.endpoint)
+        service.endpoint = ServingEndpoint(service.endpoint)
         service.setServiceParent(self)
 
     def startService(self) -> None:

@@ -63,7 +63,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pkgcache.accesslog import AccessLog
 from pkgcache.cache_limit import CacheLimit
 from pkgcache.metrics import Metrics
-from pkgcache.sendfile import send_files_on
+from pkgcache.transports import serving_transports_on
 from pkgcache.service import (
     CacheService, QuietSite, cannot_listen, cannot_use_cache, serving_site,
 )
@@ -756,7 +756,7 @@ class WorkerService(MultiService):
                 [port] = listening
                 if isinstance(port, Failure):
                     port.raiseException()
-            self.ports.append(send_files_on(port))
+            self.ports.append(serving_transports_on(port))
         from twisted.internet.stdio import StandardIO
 
         StandardIO(self.channel, stdin=_CONTROL_IN, stdout=_CONTROL_OUT, reactor=self.reactor)

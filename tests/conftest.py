@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from pkgcache.resource import PackageCacheResource
-from pkgcache.sendfile import send_files_on
+from pkgcache.transports import serving_transports_on
 from pkgcache.service import CacheService
 from tests.origin import OriginServer
 
@@ -114,8 +114,8 @@ async def make_proxy(tmp_path):
         service = CacheService(resource)
         service.startService()
         site = Site(resource)
-        # As twist's ports: big hits go by sendfile.
-        port = send_files_on(reactor.listenTCP(0, site, interface="127.0.0.1"))
+        # As twist's ports make them: big hits by sendfile, writes at a turn's end.
+        port = serving_transports_on(reactor.listenTCP(0, site, interface="127.0.0.1"))
         running.append((port, service))
         return Proxy(f"http://127.0.0.1:{port.getHost().port}", resource, cache_dir)
 

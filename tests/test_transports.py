@@ -1,8 +1,9 @@
 """
-Big hits sent by ``sendfile`` (:mod:`pkgcache.sendfile`) on real sockets:
-the whole file, ranges and byte-range sets, keep-alive, a client leaving
-mid-file, and the read-and-write path where the transport or the file
-system cannot.
+The serving ports' transports (:mod:`pkgcache.transports`) on real
+sockets: big hits sent by ``sendfile`` (the whole file, ranges and
+byte-range sets, keep-alive, a client leaving mid-file, and the
+read-and-write path where the transport or the file system cannot), and
+answers written at the end of the reactor turn.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.web.server import Site
 
-from pkgcache import sendfile, store
+from pkgcache import store, transports
 from pkgcache.resource import PackageCacheResource
 from pkgcache.responses import READ_SIZE
 from pkgcache.service import PackageCacheService
 from pkgcache.sources import Source
-from tests.clients import RawConnection, SmallBufferClient, multipart_parts
+from tests.clients import RawConnection, SmallBufferClient, multipart_parts, open_raw
 from tests.conftest import fetch, raw_request, wait_for
 
 PATH = "/pool/big.deb"
@@ -157,7 +158,7 @@ async def test_a_file_system_without_sendfile_gets_reads_and_writes(
     def unsupported(*args):
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(sendfile.os, "sendfile", unsupported)
+    monkeypatch.setattr(transports.os, "sendfile", unsupported)
     response, body = await fetch(http, proxy.url + PATH)
     assert (response.code, body) == (200, BIG)
     assert sum(length for _, length in reads) >= len(BIG)
@@ -203,3 +204,71 @@ async def test_the_services_unix_socket_sends_files(origin, tmp_path, reads):
         assert reads == []
     finally:
         await service.stopService()
+
+
+@pytest.fixture
+def registered_writers(monkeypatch) -> list:
+    """Every serving transport registered with the reactor for writing."""
+    registered: list = []
+    add_writer = reactor.addWriter
+
+    def record(writer):
+        if isinstance(writer, transports.ServingTransport):
+            registered.append(writer)
+        return add_writer(writer)
+
+    monkeypatch.setattr(reactor, "addWriter", record)
+    return registered
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_go_out_without_registering_for_writing(
+    origin, make_proxy, http, registered_writers
+):
+    """On a keep-alive connection, each answer goes out in the one send at
+    the end of its turn: the socket took it all, so the poller never
+    had to be asked when it could take more."""
+    origin.add("/pool/small.deb", b"small")
+    proxy = make_proxy([origin.url])
+    await fetch(http, proxy.url + "/pool/small.deb")
+    await proxy.published("/pool/small.deb")
+    registered_writers.clear()
+    request = b"GET /pool/small.deb HTTP/1.1\r\nHost: x\r\n\r\n"
+    connection = await open_raw(proxy.url, request * 3)
+    try:
+        await wait_for(lambda: connection.received.count(b"small") == 3)
+    finally:
+        await connection.hang_up()
+    assert connection.received.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert registered_writers == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_bigger_than_the_socket_takes_is_sent_whole(
+    origin, make_proxy, http, registered_writers
+):
+    """What the end-of-turn send leaves is sent once the socket can take
+    it, as Twisted's transport would (here: a file sent in one write to a
+    client with a small buffer, read slowly)."""
+    data = os.urandom(READ_SIZE)
+    origin.add(PATH, data)
+    proxy = make_proxy([origin.url])
+    await fetch(http, proxy.url + PATH)
+    await proxy.published(PATH)
+    slow = SmallBufferClient(proxy.url + PATH, receive_buffer=8 * 1024)
+    try:
+        await slow.read_at(4 * 1024 * 1024, until=lambda: len(slow.body) >= len(data))
+        assert slow.body == data
+    finally:
+        slow.close()
+    assert registered_writers, "the socket took it all at once"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_then_a_close(origin, make_proxy, http):
+    origin.add("/pool/small.deb", b"small")
+    proxy = make_proxy([origin.url])
+    for _ in range(2):  # a miss, then a hit
+        answer = await raw_request(proxy.url, b"GET /pool/small.deb HTTP/1.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and answer.endswith(b"\r\n\r\nsmall")
+        await proxy.published("/pool/small.deb")
