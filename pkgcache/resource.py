@@ -298,11 +298,11 @@ class PackageCacheResource(Resource):
                 return send_error(request, http.MOVED_PERMANENTLY, "see the normalised name")
             request.setHeader(b"vary", b"Accept")
             key = self._rewriter.representation(key, request.getHeader(b"accept"))
+        volatile = self.freshness.is_volatile(key)
         try:
-            cached = self.store.open_file(key)
+            cached = self.store.open_file(key, keep=not volatile)
         except IsADirectoryError:
             return send_error(request, http.NOT_FOUND, "directories are not served")
-        volatile = self.freshness.is_volatile(key)
         if cached is not None and not volatile:
             record.outcome = Outcome.HIT
             request.setHeader(b"cache-status", self._immutable_hit)

@@ -40,6 +40,7 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from pkgcache.metadata import EntryMetadata
+from pkgcache.open_files import KeptFile, OpenFiles, kept_files_limit
 from pkgcache.paths import RESERVED_TOP_LEVEL_NAMES, CacheKey, relative_path
 from pkgcache.spool import DiskRunner, new_spool, sweep_stale_spools
 
@@ -77,12 +78,17 @@ class CachedFile:
     size: int
     mtime: float
     metadata: EntryMetadata
+    #: The kept descriptor this reads (see :mod:`pkgcache.open_files`), if so.
+    kept: Optional[KeptFile] = None
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.kept is not None:
+            self.kept.release()
+        else:
+            os.close(self.fd)
 
 
 class CacheStore:
@@ -111,6 +117,7 @@ class CacheStore:
         self.on_published: list[Callable[[int], None]] = []
         # mkstemp makes 0600 files; published files get the usual mode.
         self._file_mode = 0o666 & ~_current_umask()
+        self._open_files = OpenFiles(kept_files_limit(), _record_access)
 
     def create(self) -> None:
         """
@@ -145,6 +152,7 @@ class CacheStore:
         """
         self.closed = True
         self._running = False
+        self._open_files.close()
         pool, self._disk_threads = self._disk_threads, None
         stopped: Deferred[None] = Deferred()
         if pool is None:
@@ -191,23 +199,31 @@ class CacheStore:
         """
         return FilePath(self._root + relative_path(key))
 
-    def open_file(self, key: CacheKey) -> Optional[CachedFile]:
+    def open_file(self, key: CacheKey, *, keep: bool = False) -> Optional[CachedFile]:
         """
         The published file for ``key``, opened, or ``None`` on a miss (also
         when a cull removes it just now: one ``open``, then ``fstat`` of the
         same descriptor, so there is no moment where it can vanish between
         a check and a read).
 
+        :param keep: the file is immutable: a small one is kept open for
+            the next hit (:mod:`pkgcache.open_files`), which then costs
+            one ``fstat``.
         :raises IsADirectoryError: if ``key`` names a directory (never
             served: pkgcache serves regular files only).
         """
-        return self._open_below("", key)
+        return self._open_below("", key, keep)
 
-    def _open_below(self, area: str, key: CacheKey) -> Optional[CachedFile]:
+    def _open_below(self, area: str, key: CacheKey, keep: bool) -> Optional[CachedFile]:
         """:meth:`open_file` of ``key`` in the tree ``area`` (``NAME/``, or "")."""
         # A path string, not a FilePath: a hit makes no abspath.
+        path = self._root + area + relative_path(key)
+        if keep:
+            kept = self._open_files.get(path)
+            if kept is not None:
+                return CachedFile(kept.fd, kept.size, kept.mtime, kept.metadata, kept)
         try:
-            fd = os.open(self._root + area + relative_path(key), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
@@ -218,10 +234,12 @@ class CacheStore:
                 os.close(fd)
                 return None
             _record_access(fd, info)
-            return CachedFile(fd, info.st_size, info.st_mtime, EntryMetadata.read(fd))
+            metadata = EntryMetadata.read(fd)
         except BaseException:
             os.close(fd)
             raise
+        kept = self._open_files.keep(path, fd, info.st_size, info.st_mtime, metadata) if keep else None
+        return CachedFile(fd, info.st_size, info.st_mtime, metadata, kept)
 
     def new_spool(self, key: CacheKey, *, shared: bool = False):
         """
@@ -301,8 +319,8 @@ class StoreArea:
     def path_for(self, key: CacheKey) -> FilePath:
         return self.store.path_for(self._key(key))
 
-    def open_file(self, key: CacheKey) -> Optional[CachedFile]:
-        return self.store._open_below(self._below, key)
+    def open_file(self, key: CacheKey, *, keep: bool = False) -> Optional[CachedFile]:
+        return self.store._open_below(self._below, key, keep)
 
     def new_spool(self, key: CacheKey, *, shared: bool = False):
         return self.store.new_spool(self._key(key), shared=shared)
