@@ -25,6 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
+from pkgcache import store
 from pkgcache.resource import PackageCacheResource
 from pkgcache.transports import serving_transports_on
 from pkgcache.service import CacheService
@@ -56,6 +57,20 @@ def fail_on_logged_failures():
             for event in failures
         ]
         pytest.fail("failures were logged:\n" + "\n".join(messages))
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list:
+    """Every read of a cached file, as ``(offset, length)``."""
+    done: list = []
+    read = store.CachedFile.read
+
+    def record(self, offset, length):
+        done.append((offset, length))
+        return read(self, offset, length)
+
+    monkeypatch.setattr(store.CachedFile, "read", record)
+    return done
 
 
 @pytest_twisted.async_yield_fixture

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.web.server import Site
 
-from pkgcache import store, transports
+from pkgcache import transports
 from pkgcache.resource import PackageCacheResource
 from pkgcache.responses import READ_SIZE
 from pkgcache.service import PackageCacheService
@@ -27,20 +27,6 @@ from tests.conftest import fetch, raw_request, wait_for
 
 PATH = "/pool/big.deb"
 BIG = os.urandom(4 * READ_SIZE + 12345)
-
-
-@pytest.fixture
-def reads(monkeypatch) -> list:
-    """Every read of a cached file, as ``(offset, length)``."""
-    done: list = []
-    read = store.CachedFile.read
-
-    def record(self, offset, length):
-        done.append((offset, length))
-        return read(self, offset, length)
-
-    monkeypatch.setattr(store.CachedFile, "read", record)
-    return done
 
 
 async def cached_proxy(origin, make_proxy, http, data: bytes = BIG):

@@ -44,20 +44,6 @@ def test_a_hit_opens_and_stats_its_file_once(make_cache, monkeypatch):
 
 
 @pytest.fixture
-def reads(monkeypatch) -> list:
-    """Every read of a cached file, as ``(offset, length)``."""
-    done: list = []
-    read = store.CachedFile.read
-
-    def record(self, offset, length):
-        done.append((offset, length))
-        return read(self, offset, length)
-
-    monkeypatch.setattr(store.CachedFile, "read", record)
-    return done
-
-
-@pytest.fixture
 def writes(monkeypatch) -> list:
     """Every write the cache makes to its clients' connections."""
     done: list = []
