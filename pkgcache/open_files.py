@@ -12,6 +12,10 @@ files up to :data:`KEPT_FILE_MAX_BYTES` are kept, at most
 files still hold is bounded (and freed when they are next asked for, or
 pushed out).  Volatile files are never kept: their metadata (when last
 checked) changes in place.
+
+The last ``close`` of an unlinked file frees its blocks, which is disk
+work: a kept file found unlinked is closed by the store's disk threads,
+not the reactor's.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ def kept_files_limit() -> int:
 class KeptFile:
     """One kept descriptor, shared by the hits that read it."""
 
-    __slots__ = ("fd", "size", "mtime", "metadata", "users", "kept")
+    __slots__ = ("fd", "size", "mtime", "metadata", "users", "kept", "_files")
 
-    def __init__(self, fd: int, size: int, mtime: float, metadata) -> None:
+    def __init__(self, files: "OpenFiles", fd: int, size: int, mtime: float, metadata) -> None:
+        self._files = files
         self.fd = fd
         self.size = size
         self.mtime = mtime
@@ -49,7 +54,7 @@ class KeptFile:
         """A hit is done with it: closed once nobody uses it and it is not kept."""
         self.users -= 1
         if self.users == 0 and not self.kept:
-            os.close(self.fd)
+            self._files._close(self)
 
 
 class OpenFiles:
@@ -59,11 +64,18 @@ class OpenFiles:
 
     :param on_hit: called with each kept file's descriptor and ``fstat``
         (the store records the access time from it).
+    :param close_unlinked: closes the descriptor of an unlinked file.
     """
 
-    def __init__(self, limit: int, on_hit: Callable[[int, os.stat_result], None]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_hit: Callable[[int, os.stat_result], None],
+        close_unlinked: Callable[[int], None],
+    ) -> None:
         self._limit = limit
         self._on_hit = on_hit
+        self._close_unlinked = close_unlinked
         self._kept: OrderedDict[str, KeptFile] = OrderedDict()
 
     def get(self, path: str) -> Optional[KeptFile]:
@@ -73,7 +85,7 @@ class OpenFiles:
             return None
         info = os.fstat(kept.fd)
         if info.st_nlink == 0:
-            self._drop(path)
+            self._drop(path, linked=False)
             return None
         self._kept.move_to_end(path)
         self._on_hit(kept.fd, info)
@@ -89,17 +101,25 @@ class OpenFiles:
             return None
         if path in self._kept:
             self._drop(path)
-        kept = self._kept[path] = KeptFile(fd, size, mtime, metadata)
+        kept = self._kept[path] = KeptFile(self, fd, size, mtime, metadata)
         kept.users = 1
         while len(self._kept) > self._limit:
             self._drop(next(iter(self._kept)))
         return kept
 
-    def _drop(self, path: str) -> None:
+    def _drop(self, path: str, linked: Optional[bool] = None) -> None:
         kept = self._kept.pop(path)
         kept.kept = False
         if kept.users == 0:
+            self._close(kept, linked)
+
+    def _close(self, kept: KeptFile, linked: Optional[bool] = None) -> None:
+        if linked is None:
+            linked = os.fstat(kept.fd).st_nlink > 0
+        if linked:
             os.close(kept.fd)
+        else:
+            self._close_unlinked(kept.fd)
 
     def close(self) -> None:
         """Keep nothing more (the store is closing)."""

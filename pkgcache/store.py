@@ -117,7 +117,7 @@ class CacheStore:
         self.on_published: list[Callable[[int], None]] = []
         # mkstemp makes 0600 files; published files get the usual mode.
         self._file_mode = 0o666 & ~_current_umask()
-        self._open_files = OpenFiles(kept_files_limit(), _record_access)
+        self._open_files = OpenFiles(kept_files_limit(), _record_access, self._close_unlinked)
 
     def create(self) -> None:
         """
@@ -170,6 +170,16 @@ class CacheStore:
     def running(self) -> bool:
         """Opened, and not closed yet."""
         return self._running
+
+    def _close_unlinked(self, fd: int) -> None:
+        """Close a kept file that is unlinked (culled or replaced) in a
+        disk thread: the close frees its blocks."""
+        if not self._running:
+            os.close(fd)
+            return
+        self.in_disk_thread(os.close, fd).addErrback(
+            lambda failure: log.failure("could not close a culled file", failure)
+        )
 
     def in_disk_thread(self, function, *args) -> Deferred:
         """

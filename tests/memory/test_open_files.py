@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from pkgcache.open_files import KEPT_FILE_MAX_BYTES, OpenFiles
-from tests.memory.conftest import PATH, A, key, url
+from tests.memory.conftest import PATH, A, HeldDisk, key, url
 
 DATA = os.urandom(10_000)
 
@@ -82,6 +82,23 @@ def test_a_culled_file_is_not_served_from_its_kept_descriptor(make_cache, networ
     assert descriptors_of(path + " (deleted)") == 0
 
 
+def test_a_culled_kept_file_is_closed_by_the_disk_threads(make_cache, network):
+    """Its last close frees its blocks: disk work, kept off the reactor."""
+    disk = HeldDisk()
+    cache = make_cache(run_blocking=disk)
+    cache.put(PATH, DATA)
+    assert cache.get().body == DATA
+    path = cache.store.path_for(key(PATH)).path
+    os.unlink(path)
+    hit = cache.get()
+    assert descriptors_of(path + " (deleted)") == 1 and disk.queued
+    disk.run_all()
+    assert descriptors_of(path + " (deleted)") == 0
+    network.pending(url(A)).serve(b"new")
+    disk.run_all()
+    assert (hit.code, hit.body) == (200, b"new")
+
+
 def test_a_newer_copy_renamed_over_is_served(make_cache):
     cache = make_cache()
     cache.put(PATH, DATA)
@@ -119,7 +136,7 @@ def test_closing_the_store_closes_what_it_kept(make_cache):
 
 def test_the_least_recently_hit_file_is_pushed_out_once_in_use_no_more(tmp_path):
     recorded: list = []
-    kept = OpenFiles(2, lambda fd, info: recorded.append(fd))
+    kept = OpenFiles(2, lambda fd, info: recorded.append(fd), os.close)
     paths = []
     for name in "abc":
         path = str(tmp_path / name)
