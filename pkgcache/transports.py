@@ -145,10 +145,19 @@ class ServingTransport:
         self._write_waiting = False
         if self._write_registered or not self.connected:
             return
+        try:
+            result = self.doWrite()
+        except Exception:
+            # (From a producer the drained buffer resumed.)  As the reactor
+            # does for a writer that raises: logged, and the connection
+            # dropped; the other connections of the turn still write.
+            log.failure("writing to a client failed")
+            self.abortConnection()
+            return
         # Whatever the write leaves (bytes the socket did not take, a file
         # still to send, a close or an error to act on), the poller's turn
         # does, as for any registered writer.
-        if self.doWrite() is not None or self._pending():
+        if result is not None or self._pending():
             self._register_writing()
 
     def _pending(self) -> bool:

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.web.server import Site
 
 from pkgcache import transports
 from pkgcache.resource import PackageCacheResource
 from pkgcache.responses import READ_SIZE
 from pkgcache.service import PackageCacheService
+from pkgcache.transports import serving_transports_on
 from pkgcache.sources import Source
-from tests.clients import RawConnection, SmallBufferClient, multipart_parts, open_raw
+from tests.clients import RawConnection, SmallBufferClient, multipart_parts, open_raw, within
 from tests.conftest import fetch, raw_request, wait_for
 
 PATH = "/pool/big.deb"
@@ -258,3 +261,58 @@ async def test_an_answer_then_a_close(origin, make_proxy, http):
         answer = await raw_request(proxy.url, b"GET /pool/small.deb HTTP/1.0\r\n\r\n")
         assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and answer.endswith(b"\r\n\r\nsmall")
         await proxy.published("/pool/small.deb")
+
+
+class _ResumedIntoABug(Protocol):
+    """Writes more than the transport buffers unpaused, then raises when
+    the drained buffer resumes it: a bug in the producer."""
+
+    def connectionMade(self) -> None:
+        # Room for it all at once, so that the write at the turn's end
+        # drains the buffer and resumes the producer.
+        self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        self.transport.registerProducer(self, True)
+        self.transport.write(b"x" * (self.transport.bufferSize + 1))
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        raise RuntimeError("a bug")
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_producer_raising_at_the_turns_end_drops_its_connection(
+    fail_on_logged_failures
+):
+    """As the reactor does for a writer that raises: logged, and the
+    connection dropped (not left open and silent); the port serves on."""
+    factory = ServerFactory()
+    factory.protocol = _ResumedIntoABug
+    broken = serving_transports_on(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+    factory_ok = ServerFactory()
+    factory_ok.protocol = lambda: _Answering(b"fine")
+    fine = serving_transports_on(reactor.listenTCP(0, factory_ok, interface="127.0.0.1"))
+    try:
+        dropped = await open_raw(f"http://127.0.0.1:{broken.getHost().port}", b"")
+        answered = await open_raw(f"http://127.0.0.1:{fine.getHost().port}", b"")
+        assert await within(10, answered.closed, "the other connection was not answered") == b"fine"
+        await within(10, dropped.closed, "the connection was not dropped")
+        [logged] = fail_on_logged_failures
+        assert logged["log_failure"].check(RuntimeError)
+        fail_on_logged_failures.clear()
+    finally:
+        await broken.stopListening()
+        await fine.stopListening()
+
+
+class _Answering(Protocol):
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._answer)
+        self.transport.loseConnection()
