@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import random
 import re
 import shlex
 import shutil
@@ -63,10 +64,27 @@ def read_unit(name: str) -> configparser.ConfigParser:
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now (on any address)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+    """
+    A TCP port nothing listens on right now (on any address), below the
+    kernel's ephemeral range: a port from that range, given by ``bind``
+    to port 0, may be taken as the local port of some outgoing connection
+    before the process it is meant for listens on it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            ephemeral_low = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    chooser = random.Random()
+    for _ in range(1000):
+        port = chooser.randrange(10000, max(10001, ephemeral_low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def has_ipv6() -> bool:
