@@ -75,16 +75,22 @@ def free_port() -> int:
             ephemeral_low = int(ports.read().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768
-    chooser = random.Random()
     for _ in range(1000):
-        port = chooser.randrange(10000, max(10001, ephemeral_low))
+        port = _ports.randrange(10000, max(10001, ephemeral_low))
+        if port in _given_ports:
+            continue  # (given to a process that may not listen yet)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind(("", port))
             except OSError:
                 continue
-            return port
+        _given_ports.add(port)
+        return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+_ports = random.Random()
+_given_ports: set[int] = set()
 
 
 def has_ipv6() -> bool:
