@@ -396,12 +396,17 @@ class BodyProducer:
             return True
         if source.complete and source.fd is not None and self._may_send_file:
             transport = self._request.transport
-            if ISendsFiles.providedBy(transport) and not self._request.chunked:
-                self._request.write(b"")  # (the headers, if not sent yet)
-                self._sending_file = piece
-                self._stalled.touch()
-                transport.send_file(source.fd, piece.start, end - piece.start, self)
-                return False
+            # The class, not the object: Twisted's TLS wrapper provides the
+            # interfaces of the transport it wraps (and forwards their
+            # methods to it), which would send the file past TLS.
+            if ISendsFiles.implementedBy(type(transport)):
+                # The headers, if not sent yet: they say if the body is chunked.
+                self._request.write(b"")
+                if not self._request.chunked:
+                    self._sending_file = piece
+                    self._stalled.touch()
+                    transport.send_file(source.fd, piece.start, end - piece.start, self)
+                    return False
             self._may_send_file = False
         wanted = READ_SIZE if end is None else min(READ_SIZE, end - piece.start)
         available = min(wanted, source.received - piece.start)

@@ -11,8 +11,10 @@ unix transport, with two changes that make a hit cheaper.
 
 The serving ports make their connections with these
 (:func:`serving_transports_on`).  A body producer that finds a transport
-without ``send_file`` (TLS, whose bytes this cannot bypass, or an
-embedder's own port) reads and writes as before.
+whose class has no ``send_file`` reads and writes as before: an
+embedder's own port, and TLS (Twisted's TLS wrapper of one of these
+provides ``ISendsFiles`` too, and would forward ``send_file`` to it: past
+the encryption).
 """
 
 from __future__ import annotations

@@ -226,8 +226,11 @@ async def test_unix_and_ssl_endpoints(origin, twist, http, tmp_path):
     certificate = key.selfSignedCert(1, CN="localhost")
     pem = tmp_path / "server.pem"
     pem.write_bytes(certificate.dumpPEM())
-    data = os.urandom(100_000)
-    origin.add("/pool/x.deb", data)
+    # A small file (one write) and a big one (sendfile on the unix socket,
+    # never past TLS), each a miss, then a hit.
+    files = {"/pool/x.deb": os.urandom(100_000), "/pool/big.deb": os.urandom(1_000_000)}
+    for path, data in files.items():
+        origin.add(path, data)
     socket_path = tmp_path / "pkgcache.sock"
     tls_port = free_port()
     server = twist(
@@ -236,15 +239,18 @@ async def test_unix_and_ssl_endpoints(origin, twist, http, tmp_path):
         "--listen", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={pem}",
     )
     await server.ready(http)
-    for how in (["--unix-socket", str(socket_path), "http://localhost/pool/x.deb"],
-                ["--cacert", str(pem), f"https://localhost:{tls_port}/pool/x.deb",
-                 "--resolve", f"localhost:{tls_port}:127.0.0.1"]):
-        output, err, code = await getProcessOutputAndValue(
-            "curl", ["-sS", "--fail", "--max-time", "20", *how]
-        )
-        assert code == 0, err
-        assert output == data
-    assert origin.count("/pool/x.deb") == 1
+    for how in (lambda path: ["--unix-socket", str(socket_path), f"http://localhost{path}"],
+                lambda path: ["--cacert", str(pem), f"https://localhost:{tls_port}{path}",
+                              "--resolve", f"localhost:{tls_port}:127.0.0.1"]):
+        for _ in range(2):
+            for path, data in files.items():
+                output, err, code = await getProcessOutputAndValue(
+                    "curl", ["-sS", "--fail", "--max-time", "20", *how(path)]
+                )
+                assert code == 0, err
+                assert output == data
+                await wait_for(lambda: (tmp_path / "cache" / path.lstrip("/")).exists())
+    assert [origin.count(path) for path in files] == [1, 1]
 
 
 @pytest_twisted.ensureDeferred
