@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import main, tcp, unix
 from twisted.internet.defer import Deferred
@@ -116,6 +116,8 @@ class ServingTransport:
     """
 
     _file_job: Optional[_FileJob] = None
+    #: A close asked for while a file is being sent, done once it is.
+    _close_after_file: Optional[Callable[[], None]] = None
     _write_registered = False
     _write_waiting = False
 
@@ -198,11 +200,31 @@ class ServingTransport:
                 return None
             self._file_job = None
             job.sender.file_sent()  # (which may send the next part of a file)
+            if self._file_job is None and self._close_after_file is not None:
+                close, self._close_after_file = self._close_after_file, None
+                close()
         # Whatever the sender wrote after its file, or a close it asked for.
         return super().doWrite()
 
+    def loseConnection(self, *args, **kwargs) -> None:
+        """Close once what was written, and the file being sent, are out."""
+        if self._file_job is not None:
+            self._close_after_file = lambda: self.loseConnection(*args, **kwargs)
+            return
+        super().loseConnection(*args, **kwargs)
+        # Registered at once: a connection that reads no more must be
+        # among the reactor's writers, so that a shutdown now closes it.
+        if self.disconnecting:
+            self._register_writing()
+
+    def loseWriteConnection(self) -> None:
+        if self._file_job is not None:
+            self._close_after_file = self.loseWriteConnection
+            return
+        super().loseWriteConnection()
+
     def connectionLost(self, reason) -> None:
-        self._file_job = None
+        self._file_job = self._close_after_file = None
         super().connectionLost(reason)
 
 

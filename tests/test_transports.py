@@ -316,3 +316,71 @@ class _Answering(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(self._answer)
         self.transport.loseConnection()
+
+
+class _WritesSendsAndCloses(Protocol):
+    """Writes ``head``, sends ``file``, and asks to close at once."""
+
+    def __init__(self, head: bytes, file, close: str) -> None:
+        self._head = head
+        self._file = file
+        self._close = close
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._head)
+        size = os.fstat(self._file.fileno()).st_size
+        self.transport.send_file(self._file.fileno(), 0, size, _NoticesNothing())
+        getattr(self.transport, self._close)()
+
+
+class _NoticesNothing:
+    def file_progressed(self, count: int) -> None:
+        pass
+
+    def file_sent(self) -> None:
+        pass
+
+    def file_unsendable(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("close", ["loseConnection", "loseWriteConnection"])
+@pytest_twisted.ensureDeferred
+async def test_a_close_asked_for_while_a_file_is_sent_waits_for_it(close, tmp_path):
+    """(Much written before the file, so that the reactor's own write
+    drains it: then a close it acted on would cut the file off.)"""
+    head = os.urandom(8 * 1024 * 1024)
+    data = os.urandom(300_000)
+    (tmp_path / "file").write_bytes(data)
+    with open(tmp_path / "file", "rb") as file:
+        factory = ServerFactory.forProtocol(lambda: _WritesSendsAndCloses(head, file, close))
+        port = serving_transports_on(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+        try:
+            connection = await open_raw(f"http://127.0.0.1:{port.getHost().port}", b"")
+            received = await within(20, connection.closed, "the connection was not closed")
+        finally:
+            await port.stopListening()
+    assert received == head + data
+
+
+class _SaysByeAndCloses(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+        self.factory.writing_at_once.append(self.transport in reactor.getWriters())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closing_connection_is_among_the_reactors_writers_at_once():
+    """A connection that reads no more and waits only for the turn's end
+    would be missed by a shutdown's disconnectAll (its request never told
+    that the connection went)."""
+    factory = ServerFactory.forProtocol(_SaysByeAndCloses)
+    factory.writing_at_once = []
+    port = serving_transports_on(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+    try:
+        connection = await open_raw(f"http://127.0.0.1:{port.getHost().port}", b"")
+        assert await within(10, connection.closed, "the connection was not closed") == b"bye"
+    finally:
+        await port.stopListening()
+    assert factory.writing_at_once == [True]
