@@ -85,7 +85,11 @@ def serve_hit(
         cached.size, cached.mtime, cached.metadata.served_content_type, cached.metadata.etag
     )
     source = _FileBytes(cached)
-    producer = send_entity(request, entity, source, clock=clock, stall_timeout=stall_timeout)
+    try:
+        producer = send_entity(request, entity, source, clock=clock, stall_timeout=stall_timeout)
+    except BaseException:
+        cached.close()  # (a kept file would otherwise stay in use for good)
+        raise
     if producer is None:
         cached.close()
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from pkgcache import hits
 from pkgcache.open_files import KEPT_FILE_MAX_BYTES, OpenFiles
 from tests.memory.conftest import PATH, A, HeldDisk, key, url
 
@@ -159,3 +160,22 @@ def test_the_least_recently_hit_file_is_pushed_out_once_in_use_no_more(tmp_path)
     assert descriptors_of(paths[0]) == 0
     kept.close()
     assert [descriptors_of(path) for path in paths] == [0, 0, 0]
+
+
+def test_a_hit_that_breaks_before_it_starts_gives_its_file_back(
+    make_cache, monkeypatch, fail_on_logged_failures
+):
+    cache = make_cache()
+    cache.put(PATH, DATA)
+    assert cache.get().body == DATA
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(hits, "send_entity", broken)
+    assert cache.get().code == 500
+    assert [event["log_failure"].check(RuntimeError) for event in fail_on_logged_failures]
+    fail_on_logged_failures.clear()
+    # Not in use any more: the store's close closes it.
+    cache.stop()
+    assert descriptors_of(cache.store.path_for(key(PATH)).path) == 0
