@@ -29,9 +29,9 @@ from zope.interface import implementer
 
 from pkgcache.interfaces import IByteSource, IFollower
 from pkgcache.ranges import UNSATISFIABLE, Multipart, requested_ranges
-from pkgcache.transports import IFileSender, ISendsFiles
 from pkgcache.sources import AllSourcesFailed
 from pkgcache.timers import IdleTimer
+from pkgcache.transports import IFileSender, ISendsFiles
 from pkgcache.upstream import BodyFailed
 from pkgcache.via import LOOP_DETECTED
 
