@@ -3,7 +3,9 @@ The serving ports' transports (:mod:`pkgcache.transports`) on real
 sockets: big hits sent by ``sendfile`` (the whole file, ranges and
 byte-range sets, keep-alive, a client leaving mid-file, and the
 read-and-write path where the transport or the file system cannot), and
-answers written at the end of the reactor turn.
+answers written at the end of the reactor turn (and what it must not
+change: a close waits for what was written, a failure drops its
+connection).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pkgcache import transports
 from pkgcache.resource import PackageCacheResource
 from pkgcache.responses import READ_SIZE
 from pkgcache.service import PackageCacheService
-from pkgcache.transports import serving_transports_on
 from pkgcache.sources import Source
+from pkgcache.transports import serving_transports_on
 from tests.clients import RawConnection, SmallBufferClient, multipart_parts, open_raw, within
 from tests.conftest import fetch, raw_request, wait_for
 
