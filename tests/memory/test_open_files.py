@@ -179,3 +179,21 @@ def test_a_hit_that_breaks_before_it_starts_gives_its_file_back(
     # Not in use any more: the store's close closes it.
     cache.stop()
     assert descriptors_of(cache.store.path_for(key(PATH)).path) == 0
+
+
+def test_an_unlinked_file_pushed_out_is_closed_by_the_disk_threads(tmp_path):
+    handed: list = []
+    kept = OpenFiles(1, lambda fd, info: None, handed.append)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    for path in (first, second):
+        with open(path, "wb") as file:
+            file.write(b"x")
+    a = kept.keep(first, os.open(first, os.O_RDONLY), 1, 0.0, None)
+    a.release()
+    os.unlink(first)  # (a cull)
+    kept.keep(second, os.open(second, os.O_RDONLY), 1, 0.0, None).release()
+    # Pushed out: its close is handed on, not done here.
+    assert handed == [a.fd] and descriptors_of(first + " (deleted)") == 1
+    os.close(a.fd)
+    kept.close()
+    assert descriptors_of(second) == 0
