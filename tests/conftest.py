@@ -169,6 +169,17 @@ async def fetch(http: TestClient, url: str, method: str = "GET", headers=None):
     return response, body
 
 
+def descriptors_of(path: str) -> int:
+    """How many of this process's descriptors are open on ``path``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+        except FileNotFoundError:
+            pass
+    return count
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll ``condition`` on the reactor until it holds."""
     deadline = reactor.seconds() + timeout

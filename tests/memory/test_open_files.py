@@ -10,20 +10,10 @@ import os
 
 from pkgcache import hits
 from pkgcache.open_files import KEPT_FILE_MAX_BYTES, OpenFiles
+from tests.conftest import descriptors_of
 from tests.memory.conftest import PATH, A, HeldDisk, key, url
 
 DATA = os.urandom(10_000)
-
-
-def descriptors_of(path: str) -> int:
-    """How many of this process's descriptors are open on ``path``."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}") == path
-        except FileNotFoundError:
-            pass
-    return count
 
 
 class FileCalls:
