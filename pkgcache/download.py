@@ -516,8 +516,10 @@ class Download:
             return
         self._spool = claimed
         claimed.on_written = self._spool_progressed
+        # Nothing to mark yet: followers read a spool with no record as
+        # this one (no headers, no beat), and a disk job now would delay
+        # the request to the source.
         self._record = SpoolRecord()
-        self._mark()
         interval = max(0.01, min(HEARTBEAT_INTERVAL, self._upstream.idle_timeout / 4))
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = self._clock

@@ -327,8 +327,19 @@ def new_spool(
         ``rename``, so that no two processes ever download into it).
     :raises OSError: if the spool directory is not writable.
     """
+    try:
+        return _new_spool(spool_dir, cache_dir, target, run_in_disk_thread, mode, shared)
+    except FileNotFoundError:
+        # The spool directory went (removed by hand): make it again.
+        os.makedirs(spool_dir, exist_ok=True)
+        return _new_spool(spool_dir, cache_dir, target, run_in_disk_thread, mode, shared)
+
+
+def _new_spool(
+    spool_dir: str, cache_dir: str, target: str, run_in_disk_thread: DiskRunner, mode: int,
+    shared: bool,
+) -> Union[SpoolWriter, SpoolFollower]:
     name_part = _name_part(target)
-    os.makedirs(spool_dir, exist_ok=True)
     if not shared:
         fd, name = tempfile.mkstemp(prefix="", suffix="." + name_part, dir=spool_dir)
         return _locked_writer(fd, name, target, run_in_disk_thread, mode, shared=False)

@@ -175,6 +175,16 @@ def test_private_spools_are_named_at_random_and_never_followed(dirs):
     assert os.listdir(spools) == []
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_spool_directory_removed_by_hand_is_made_again(dirs, shared):
+    cache, spools, target = dirs
+    os.rmdir(spools)
+    spool = new_spool(spools, cache, target, run_at_once, 0o644, shared=shared)
+    assert isinstance(spool, SpoolWriter) and os.path.dirname(spool.name) == spools
+    done(spool.discard())
+    spool.close()
+
+
 def test_the_sweep_removes_only_the_spools_nobody_holds(tmp_path):
     spools = tmp_path / "spools"
     spools.mkdir()
