@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
 
