@@ -38,6 +38,21 @@ def test_a_source_is_paused_while_the_disk_is_behind(make_cache, network):
     assert cache.cached() == CHUNK * chunks
 
 
+def test_the_source_is_asked_with_no_disk_work_queued_before(make_cache, network):
+    """The claim of the file's shared spool writes nothing yet: the first
+    disk job is the record of the source's headers, once they come."""
+    disk = HeldDisk()
+    cache = make_cache(run_blocking=disk)
+    cache.get()
+    asked = network.pending(url(A))
+    assert disk.queued == 0
+    body = asked.respond(length=len(CHUNK))
+    assert disk.queued == 1, "the headers' record, and only it"
+    body.send(CHUNK)
+    disk.run_all()
+    assert cache.cached() == CHUNK
+
+
 def _no_space_for_writes(function, *args):
     if function.__name__ == "_write_all":
         return fail(OSError(errno.ENOSPC, "No space left on device"))
