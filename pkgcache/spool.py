@@ -330,7 +330,9 @@ def new_spool(
     try:
         return _new_spool(spool_dir, cache_dir, target, run_in_disk_thread, mode, shared)
     except FileNotFoundError:
-        # The spool directory went (removed by hand): make it again.
+        # The spool directory went (removed by hand), or the spool was
+        # replaced as it was opened: make the directory again if need be,
+        # and try once more.
         os.makedirs(spool_dir, exist_ok=True)
         return _new_spool(spool_dir, cache_dir, target, run_in_disk_thread, mode, shared)
 
